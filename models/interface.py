@@ -1,0 +1,193 @@
+"""The one model interface every piece of editing code uses (METHOD.md §1).
+
+All functions are pure and jit-friendly; ``cfg`` and every layer index / tuple of layers are
+static.  The layer stack is run with ``jax.lax.scan`` over layer indices with dynamic indexing of
+the stacked params, so compile time does not grow with depth and no layer weights are copied.
+
+Hooks:
+* ``w_out_deltas = WDeltas(layers, delta)``: add ``delta[j]`` (d_k, d) to the fc_out kernel of layer
+  ``layers[j]`` (the edited weight, Flax (in, out) layout) without copying the param tree.
+* ``add_at = AddAt(layer, positions, delta)``: add ``delta[b]`` (d,) to block ``layer``'s output at
+  token ``positions[b]`` of example b (Stage I, METHOD.md §3).
+* ``taps`` (static tuple of layers) with ``tap_positions`` (B, P): return block outputs and keys
+  of those layers gathered at those positions.
+* ``start_layer`` / ``h_start``: begin from the hidden states entering ``start_layer`` (caching the
+  layers below); ``stop_layer``: stop after block ``stop_layer - 1`` and return no logits.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from models import layers as L
+from models.config import ModelConfig
+from models.layers import Context, make_context
+
+Array = jax.Array
+Params = dict[str, Any]
+
+__all__ = [
+    "AddAt", "Context", "ForwardOut", "WDeltas", "block_at", "embed", "forward", "gather_positions",
+    "head", "layer_params", "make_context", "run_layers", "w_out",
+]
+
+
+class WDeltas(NamedTuple):
+    layers: tuple[int, ...]  # static
+    delta: Array  # (m, d_k, d)
+
+
+class AddAt(NamedTuple):
+    layer: int  # static
+    positions: Array  # (B,) int
+    delta: Array  # (B, d)
+
+
+class ForwardOut(NamedTuple):
+    logits: Array | None  # (B, T, V) float32, or None when stop_layer is set
+    hidden: Array | None  # (n_taps, B, P, d) block outputs at tap layers / positions
+    keys: Array | None  # (n_taps, B, P, d_k) keys at tap layers / positions
+    last_hidden: Array  # (B, T, d) hidden state after the last block run
+
+
+def layer_params(params: Params, i: int | Array) -> Params:
+    """One layer's slice of the stacked ``params['layers']`` (dynamic index, no copy)."""
+    return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
+
+
+def w_out(params: Params, layer: int) -> Array:
+    """The edited weight of ``layer`` in Flax layout (d_k, d) — W_out^T of METHOD.md §1."""
+    return params["layers"]["mlp"]["fc_out"]["kernel"][layer]
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: Array, ctx: Context) -> Array:
+    h = jnp.take(params["embed"]["wte"], tokens, axis=0)
+    if cfg.family == "gpt2":
+        h = h + jnp.take(params["embed"]["wpe"], ctx.positions, axis=0)
+    return h.astype(cfg.dtype)
+
+
+def head(cfg: ModelConfig, params: Params, h: Array) -> Array:
+    """Final norm and LM head; logits in float32."""
+    h = L.norm(cfg, params["ln_f"], h)
+    if cfg.tie_embeddings:
+        logits = h @ params["embed"]["wte"].astype(h.dtype).T
+    else:
+        logits = h @ params["lm_head"]["kernel"].astype(h.dtype)
+    logits = logits.astype(jnp.float32)
+    if cfg.lm_head_bias:
+        logits = logits + params["lm_head"]["bias"].astype(jnp.float32)
+    return logits
+
+
+def _delta_for(w: WDeltas | None, layer: int) -> Array | None:
+    if w is None or layer not in w.layers:
+        return None
+    return w.delta[w.layers.index(layer)]
+
+
+def block_at(
+    cfg: ModelConfig, params: Params, layer: int, h: Array, ctx: Context, w: WDeltas | None = None
+) -> tuple[Array, Array]:
+    """Run block ``layer`` (static). Returns (block output, keys at all positions)."""
+    return L.block(cfg, layer_params(params, layer), h, ctx, _delta_for(w, layer))
+
+
+def run_layers(
+    cfg: ModelConfig,
+    params: Params,
+    h: Array,
+    ctx: Context,
+    start: int,
+    stop: int,
+    w: WDeltas | None = None,
+) -> Array:
+    """Run blocks ``start..stop-1`` with a ``lax.scan`` over layer indices."""
+    if stop <= start:
+        return h
+    edited = tuple(l for l in (w.layers if w is not None else ()) if start <= l < stop)
+    if edited:
+        table = jnp.full((cfg.n_layers,), -1, dtype=jnp.int32)
+        for j, l in enumerate(w.layers):
+            table = table.at[l].set(j)
+
+    def body(x, i):
+        lp = layer_params(params, i)
+        delta = None
+        if edited:
+            slot = table[i]
+            delta = w.delta[jnp.maximum(slot, 0)] * (slot >= 0).astype(w.delta.dtype)
+        out, _ = L.block(cfg, lp, x, ctx, delta)
+        return out, None
+
+    h, _ = jax.lax.scan(body, h, jnp.arange(start, stop))
+    return h
+
+
+def gather_positions(x: Array, positions: Array) -> Array:
+    """x: (B, T, ...) at positions (B, P) -> (B, P, ...)."""
+    idx = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx.astype(jnp.int32), axis=1)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: Array | None,
+    mask: Array | None = None,
+    *,
+    w_out_deltas: WDeltas | None = None,
+    add_at: AddAt | None = None,
+    taps: tuple[int, ...] = (),
+    tap_positions: Array | None = None,
+    start_layer: int = 0,
+    h_start: Array | None = None,
+    stop_layer: int | None = None,
+) -> ForwardOut:
+    """Tokens -> logits with the editing hooks described in the module docstring.
+
+    tokens: (B, T) int; mask: (B, T) (1 = real token; default all ones).
+    With ``start_layer > 0`` pass ``h_start`` (B, T, d) = hidden state entering that layer.
+    """
+    if h_start is None:
+        chex.assert_rank(tokens, 2)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, dtype=bool)
+        ctx = make_context(mask)
+        h = embed(cfg, params, tokens, ctx)
+        if start_layer != 0:
+            raise ValueError("start_layer > 0 needs h_start")
+    else:
+        chex.assert_rank(h_start, 3)
+        if mask is None:
+            mask = jnp.ones(h_start.shape[:2], dtype=bool)
+        ctx = make_context(mask)
+        h = h_start.astype(cfg.dtype)
+    stop = cfg.n_layers if stop_layer is None else stop_layer
+    for l in taps:
+        if not start_layer <= l < stop:
+            raise ValueError(f"tap layer {l} outside the layers run [{start_layer}, {stop})")
+    if tap_positions is None and taps:
+        tap_positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+    breakpoints = sorted(set(taps) | ({add_at.layer} if add_at is not None else set()))
+    hidden, keys = {}, {}
+    cur = start_layer
+    for bp in breakpoints:
+        if bp < cur or bp >= stop:
+            raise ValueError(f"hook layer {bp} outside the layers run [{start_layer}, {stop})")
+        h = run_layers(cfg, params, h, ctx, cur, bp, w_out_deltas)
+        h, k = block_at(cfg, params, bp, h, ctx, w_out_deltas)
+        if add_at is not None and bp == add_at.layer:
+            onehot = jax.nn.one_hot(add_at.positions, h.shape[1], dtype=h.dtype)  # (B, T)
+            h = h + onehot[:, :, None] * add_at.delta.astype(h.dtype)[:, None, :]
+        if bp in taps:
+            hidden[bp] = gather_positions(h, tap_positions)
+            keys[bp] = gather_positions(k, tap_positions)
+        cur = bp + 1
+    h = run_layers(cfg, params, h, ctx, cur, stop, w_out_deltas)
+    logits = head(cfg, params, h) if stop_layer is None else None
+    stack = lambda d: jnp.stack([d[l] for l in taps]) if taps else None  # noqa: E731
+    return ForwardOut(logits=logits, hidden=stack(hidden), keys=stack(keys), last_hidden=h)

@@ -1,0 +1,165 @@
+"""Per-family transformer blocks as pure functions over one layer's params.
+
+Each function takes ``lp`` = one layer's slice of ``params['layers']`` (see models/config.py for
+the layout) and returns the block output and the MLP key (METHOD.md §1: the input of the FFN
+output projection ``fc_out``).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+class Context(NamedTuple):
+    """Token bookkeeping shared by every layer of one forward pass.
+
+    positions: (B, T) int32 position ids (left padding aware).
+    mask:      (B, T) bool, True on real tokens.
+    """
+
+    positions: Array
+    mask: Array
+
+
+def make_context(mask: Array) -> Context:
+    """Position ids ``cumsum(mask) - 1`` (0 on padding): right and left padding both work."""
+    mask = jnp.asarray(mask).astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return Context(positions=positions.astype(jnp.int32), mask=mask)
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def layer_norm(p: Params, x: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(p: Params, x: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
+    return (p["scale"].astype(jnp.float32) * y).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, p: Params, x: Array) -> Array:
+    if cfg.family == "llama":
+        return rms_norm(p, x, cfg.norm_eps)
+    return layer_norm(p, x, cfg.norm_eps)
+
+
+def dense(p: Params, x: Array, delta: Array | None = None) -> Array:
+    kernel = p["kernel"].astype(x.dtype)
+    if delta is not None:
+        kernel = kernel + delta.astype(x.dtype)
+    y = x @ kernel
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def gelu_new(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def _rope_angles(positions: Array, rot: int, theta: float) -> Array:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))
+    return positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, rot/2)
+
+
+def rope_half(x: Array, positions: Array, theta: float) -> Array:
+    """Llama/NeoX rotary: halves rotated (HF ``rotate_half``). x: (B, T, H, hd)."""
+    hd = x.shape[-1]
+    ang = _rope_angles(positions, hd, theta)
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : hd // 2], x32[..., hd // 2 :]
+    rot = jnp.concatenate([-x2, x1], -1)
+    return (x32 * cos + rot * sin).astype(x.dtype)
+
+
+def rope_interleaved(x: Array, positions: Array, rot_dim: int, theta: float) -> Array:
+    """GPT-J rotary on the first ``rot_dim`` dims, pairs (2i, 2i+1) rotated together."""
+    ang = _rope_angles(positions, rot_dim, theta)
+    cos = jnp.repeat(jnp.cos(ang), 2, axis=-1)[:, :, None, :]
+    sin = jnp.repeat(jnp.sin(ang), 2, axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    xr, xp = x32[..., :rot_dim], x32[..., rot_dim:]
+    x1, x2 = xr[..., 0::2], xr[..., 1::2]
+    rotated = jnp.stack([-x2, x1], axis=-1).reshape(xr.shape)
+    xr = xr * cos + rotated * sin
+    return jnp.concatenate([xr, xp], -1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
+    b, t, _ = x.shape
+    h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
+    q = dense(p["q"], x).reshape(b, t, h, hd)
+    k = dense(p["k"], x).reshape(b, t, kvh, hd)
+    v = dense(p["v"], x).reshape(b, t, kvh, hd)
+    if cfg.qk_norm:
+        q = rms_norm(p["q_norm"], q, cfg.norm_eps)
+        k = rms_norm(p["k_norm"], k, cfg.norm_eps)
+    if cfg.family == "llama":
+        q = rope_half(q, ctx.positions, cfg.rope_theta)
+        k = rope_half(k, ctx.positions, cfg.rope_theta)
+    elif cfg.family == "gptj":
+        rd = cfg.rotary_dim or hd
+        q = rope_interleaved(q, ctx.positions, rd, cfg.rope_theta)
+        k = rope_interleaved(k, ctx.positions, rd, cfg.rope_theta)
+    if kvh != h:
+        k = jnp.repeat(k, h // kvh, axis=2)
+        v = jnp.repeat(v, h // kvh, axis=2)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = scores / jnp.sqrt(jnp.float32(hd))
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    allowed = causal[None, None] & ctx.mask[:, None, None, :]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
+    return dense(p["o"], out)
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+def mlp_key(cfg: ModelConfig, p: Params, x: Array) -> Array:
+    """The key k = input of fc_out (METHOD.md §1); x is the normed MLP input."""
+    if cfg.family == "llama":
+        return jax.nn.silu(dense(p["gate"], x)) * dense(p["up"], x)
+    return gelu_new(dense(p["fc_in"], x))
+
+
+def block(
+    cfg: ModelConfig, lp: Params, x: Array, ctx: Context, w_out_delta: Array | None = None
+) -> tuple[Array, Array]:
+    """One transformer block. Returns (block output h_l, key k_l at every position).
+
+    ``w_out_delta`` (d_k, d) is added to the fc_out kernel (Flax (in, out) layout) for this call.
+    """
+    if cfg.family == "gptj":
+        hn = norm(cfg, lp["ln_1"], x)
+        key = mlp_key(cfg, lp["mlp"], hn)
+        out = x + attention(cfg, lp["attn"], hn, ctx) + dense(lp["mlp"]["fc_out"], key, w_out_delta)
+        return out, key
+    x = x + attention(cfg, lp["attn"], norm(cfg, lp["ln_1"], x), ctx)
+    key = mlp_key(cfg, lp["mlp"], norm(cfg, lp["ln_2"], x))
+    return x + dense(lp["mlp"]["fc_out"], key, w_out_delta), key
