@@ -77,9 +77,9 @@ def head(cfg: ModelConfig, params: Params, h: Array) -> Array:
         logits = h @ params["embed"]["wte"].astype(h.dtype).T
     else:
         logits = h @ params["lm_head"]["kernel"].astype(h.dtype)
-    logits = logits.astype(jnp.float32)
+    logits = L.f32(logits)
     if cfg.lm_head_bias:
-        logits = logits + params["lm_head"]["bias"].astype(jnp.float32)
+        logits = logits + L.f32(params["lm_head"]["bias"])
     return logits
 
 

@@ -6,7 +6,7 @@ output projection ``fc_out``).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +38,24 @@ def make_context(mask: Array) -> Context:
 # ----------------------------------------------------------------------------- primitives
 
 
+def f32(x: Array) -> Array:
+    """Upcast to at least float32 (float64 stays float64, for finite-difference checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def layer_norm(p: Params, x: Array, eps: float) -> Array:
-    x32 = x.astype(jnp.float32)
+    x32 = f32(x)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    y = y * f32(p["scale"]) + f32(p["bias"])
     return y.astype(x.dtype)
 
 
 def rms_norm(p: Params, x: Array, eps: float) -> Array:
-    x32 = x.astype(jnp.float32)
+    x32 = f32(x)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
-    return (p["scale"].astype(jnp.float32) * y).astype(x.dtype)
+    return (f32(p["scale"]) * y).astype(x.dtype)
 
 
 def norm(cfg: ModelConfig, p: Params, x: Array) -> Array:
@@ -87,7 +92,7 @@ def rope_half(x: Array, positions: Array, theta: float) -> Array:
     ang = _rope_angles(positions, hd, theta)
     cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
+    x32 = f32(x)
     x1, x2 = x32[..., : hd // 2], x32[..., hd // 2 :]
     rot = jnp.concatenate([-x2, x1], -1)
     return (x32 * cos + rot * sin).astype(x.dtype)
@@ -98,7 +103,7 @@ def rope_interleaved(x: Array, positions: Array, rot_dim: int, theta: float) -> 
     ang = _rope_angles(positions, rot_dim, theta)
     cos = jnp.repeat(jnp.cos(ang), 2, axis=-1)[:, :, None, :]
     sin = jnp.repeat(jnp.sin(ang), 2, axis=-1)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
+    x32 = f32(x)
     xr, xp = x32[..., :rot_dim], x32[..., rot_dim:]
     x1, x2 = xr[..., 0::2], xr[..., 1::2]
     rotated = jnp.stack([-x2, x1], axis=-1).reshape(xr.shape)
@@ -109,7 +114,12 @@ def rope_interleaved(x: Array, positions: Array, rot_dim: int, theta: float) -> 
 # ----------------------------------------------------------------------------- attention
 
 
-def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
+def qkv_proj(cfg: ModelConfig, p: Params, x: Array, positions: Array) -> tuple[Array, Array, Array]:
+    """Attention projections with qk-norm and rotary applied (before any GQA head repeat).
+
+    x: (B, T, d); positions: (B, T) position ids.  Returns q (B, T, H, hd) and k, v
+    (B, T, Hkv, hd).  Shared by ``attention`` and the KV-cached decoder (models/generate.py).
+    """
     b, t, _ = x.shape
     h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
     q = dense(p["q"], x).reshape(b, t, h, hd)
@@ -119,20 +129,27 @@ def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
         q = rms_norm(p["q_norm"], q, cfg.norm_eps)
         k = rms_norm(p["k_norm"], k, cfg.norm_eps)
     if cfg.family == "llama":
-        q = rope_half(q, ctx.positions, cfg.rope_theta)
-        k = rope_half(k, ctx.positions, cfg.rope_theta)
+        q = rope_half(q, positions, cfg.rope_theta)
+        k = rope_half(k, positions, cfg.rope_theta)
     elif cfg.family == "gptj":
         rd = cfg.rotary_dim or hd
-        q = rope_interleaved(q, ctx.positions, rd, cfg.rope_theta)
-        k = rope_interleaved(k, ctx.positions, rd, cfg.rope_theta)
+        q = rope_interleaved(q, positions, rd, cfg.rope_theta)
+        k = rope_interleaved(k, positions, rd, cfg.rope_theta)
+    return q, k, v
+
+
+def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
+    b, t, _ = x.shape
+    h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
+    q, k, v = qkv_proj(cfg, p, x, ctx.positions)
     if kvh != h:
         k = jnp.repeat(k, h // kvh, axis=2)
         v = jnp.repeat(v, h // kvh, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = scores / jnp.sqrt(jnp.float32(hd))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", f32(q), f32(k))
+    scores = scores / jnp.sqrt(jnp.asarray(hd, scores.dtype))
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     allowed = causal[None, None] & ctx.mask[:, None, None, :]
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
     return dense(p["o"], out)
@@ -148,6 +165,29 @@ def mlp_key(cfg: ModelConfig, p: Params, x: Array) -> Array:
     return gelu_new(dense(p["fc_in"], x))
 
 
+def block_with_attention(
+    cfg: ModelConfig,
+    lp: Params,
+    x: Array,
+    attn_fn: Callable[[Params, Array], tuple[Array, Any]],
+    w_out_delta: Array | None = None,
+) -> tuple[Array, Array, Any]:
+    """One transformer block with a pluggable attention: ``attn_fn(attn_params, normed_x) ->
+    (attention output, aux)``.  Returns (block output h_l, key k_l, aux).  ``block`` uses the
+    plain causal ``attention``; the KV-cached decoder (models/generate.py) passes a cached one.
+    """
+    if cfg.family == "gptj":
+        hn = norm(cfg, lp["ln_1"], x)
+        key = mlp_key(cfg, lp["mlp"], hn)
+        a, aux = attn_fn(lp["attn"], hn)
+        out = x + a + dense(lp["mlp"]["fc_out"], key, w_out_delta)
+        return out, key, aux
+    a, aux = attn_fn(lp["attn"], norm(cfg, lp["ln_1"], x))
+    x = x + a
+    key = mlp_key(cfg, lp["mlp"], norm(cfg, lp["ln_2"], x))
+    return x + dense(lp["mlp"]["fc_out"], key, w_out_delta), key, aux
+
+
 def block(
     cfg: ModelConfig, lp: Params, x: Array, ctx: Context, w_out_delta: Array | None = None
 ) -> tuple[Array, Array]:
@@ -155,11 +195,7 @@ def block(
 
     ``w_out_delta`` (d_k, d) is added to the fc_out kernel (Flax (in, out) layout) for this call.
     """
-    if cfg.family == "gptj":
-        hn = norm(cfg, lp["ln_1"], x)
-        key = mlp_key(cfg, lp["mlp"], hn)
-        out = x + attention(cfg, lp["attn"], hn, ctx) + dense(lp["mlp"]["fc_out"], key, w_out_delta)
-        return out, key
-    x = x + attention(cfg, lp["attn"], norm(cfg, lp["ln_1"], x), ctx)
-    key = mlp_key(cfg, lp["mlp"], norm(cfg, lp["ln_2"], x))
-    return x + dense(lp["mlp"]["fc_out"], key, w_out_delta), key
+    out, key, _ = block_with_attention(
+        cfg, lp, x, lambda p, hn: (attention(cfg, p, hn, ctx), None), w_out_delta
+    )
+    return out, key

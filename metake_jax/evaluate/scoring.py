@@ -1,0 +1,243 @@
+"""Batched, jitted teacher-forced scoring of (prefix, target) continuations (METHOD.md §8).
+
+Every benchmark metric reduces to: for each pair, the mean NLL of the target tokens after the
+prefix, whether the argmax equals every target token, and the argmax tokens themselves.  All
+pairs are tokenized up front, sorted by length and packed into buckets with static shapes
+(rows: a power of two up to ``batch_size``; length: a power of two >= 8; target slots: a power
+of two >= 4), and each bucket is scored by one jitted call — there is no per-prompt model call.
+
+Tokenization (BOS-aware): ``ids = tokenize(prefix + target)`` and ``P = len(tokenize(prefix))``;
+the target tokens are ``ids[P:]``.  A tokenizer that prepends BOS does so once, at the start of
+both, so ``P`` counts it and the target never includes it (the reference's Llama special case,
+REFERENCE.md §7, falls out without a family switch).  If BPE merges across the boundary so that
+``ids[:P]`` differs from the prefix's own ids, the row becomes ``prefix ids + target ids`` (the
+target tokenized alone, BOS stripped) — exactly the ids the reference scores.  Callers pass
+targets *with* their leading space (``metake_jax.requests.target_text``); nothing is added here.
+
+The model interface is ``models.interface.forward``; only the hidden states at the predicting
+positions go through the LM head (``head``), which equals slicing ``forward(...).logits``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from models.interface import WDeltas, forward, gather_positions, head
+
+__all__ = ["PairScores", "encode_pairs", "score_pairs", "score_rows", "target_logprobs", "token_stats"]
+
+Array = jax.Array
+
+
+class PairScores(NamedTuple):
+    """Per-pair results, in the order the pairs were given."""
+
+    mean_nll: np.ndarray  # (n,) float64: mean over target tokens of -log p
+    all_correct: np.ndarray  # (n,) bool: argmax == every target token
+    n_correct: np.ndarray  # (n,) int: target tokens whose argmax matched
+    n_tokens: np.ndarray  # (n,) int: target tokens
+    argmax: list[np.ndarray]  # per pair, the argmax ids at the target positions
+    target_ids: list[list[int]]  # per pair, the target ids scored
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _encode_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    try:
+        out = tokenizer(list(texts))["input_ids"]
+        if len(out) == len(texts) and all(isinstance(r, (list, tuple, np.ndarray)) for r in out):
+            return [list(map(int, r)) for r in out]
+    except (TypeError, ValueError, AttributeError):
+        pass
+    return [list(map(int, tokenizer(t)["input_ids"])) for t in texts]
+
+
+def encode_pairs(
+    tokenizer: Any, prefixes: Sequence[str], targets: Sequence[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Token rows for ``prefix + target`` and each row's target start (see module docstring)."""
+    if len(prefixes) != len(targets):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
+    for i, (p, t) in enumerate(zip(prefixes, targets)):
+        if not isinstance(p, str) or not isinstance(t, str):
+            raise TypeError(f"pair {i}: prefix and target must be strings, got {type(p).__name__}, {type(t).__name__}")
+    full = _encode_many(tokenizer, [p + t for p, t in zip(prefixes, targets)])
+    pre = _encode_many(tokenizer, list(prefixes))
+    special = _encode_many(tokenizer, [""])[0]  # e.g. [bos] for tokenizers that prepend one
+    rows, starts = [], []
+    fix = [i for i in range(len(full)) if full[i][: len(pre[i])] != pre[i]]
+    alone = dict(zip(fix, _encode_many(tokenizer, [targets[i] for i in fix])))
+    for i, (f, p) in enumerate(zip(full, pre)):
+        if i in alone:
+            t = alone[i][len(special):] if alone[i][: len(special)] == special else alone[i]
+            f = p + t
+        if len(f) <= len(p):
+            raise ValueError(f"pair {i}: target {targets[i]!r} adds no tokens after prefix {prefixes[i]!r}")
+        if len(p) == 0:
+            raise ValueError(f"pair {i}: empty prefix with a tokenizer that adds no BOS; nothing predicts the first "
+                             f"target token of {targets[i]!r}")
+        rows.append(f)
+        starts.append(len(p))
+    return rows, starts
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def token_stats(logits: Array, tgt_ids: Array, tgt_mask: Array) -> tuple[Array, Array, Array]:
+    """Per-row statistics from the logits at the predicting positions.
+
+    logits (B, K, V): logits whose argmax / softmax predicts ``tgt_ids`` (B, K); ``tgt_mask`` (B, K)
+    marks real target slots.  Returns (sum of -log p over real slots (B,), number of real slots
+    whose argmax equals the target (B,), argmax ids (B, K)).
+    """
+    chex.assert_rank(logits, 3)
+    chex.assert_equal_shape([tgt_ids, tgt_mask])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    tok_lp = jnp.take_along_axis(logp, tgt_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    m = tgt_mask.astype(jnp.float32)
+    sum_nll = -(tok_lp * m).sum(-1)
+    am = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    n_correct = ((am == tgt_ids) & tgt_mask.astype(bool)).sum(-1)
+    return sum_nll, n_correct, am
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "delta_layers"))
+def _score_bucket(
+    cfg: ModelConfig,
+    params: Any,
+    tokens: Array,
+    mask: Array,
+    pred_pos: Array,
+    tgt_ids: Array,
+    tgt_mask: Array,
+    delta: Array | None,
+    delta_layers: tuple[int, ...] | None,
+) -> tuple[Array, Array, Array]:
+    w = WDeltas(delta_layers, delta) if delta_layers is not None else None
+    out = forward(cfg, params, tokens, mask, w_out_deltas=w, stop_layer=cfg.n_layers)
+    h = gather_positions(out.last_hidden, pred_pos)  # (B, K, d)
+    return token_stats(head(cfg, params, h), tgt_ids, tgt_mask)
+
+
+def _pow2(n: int, lo: int) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def score_rows(
+    cfg: ModelConfig,
+    params: Any,
+    rows: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    *,
+    batch_size: int = 32,
+    pad_id: int = 0,
+    w_out_deltas: WDeltas | None = None,
+) -> PairScores:
+    """Score token rows whose targets are ``row[start:]`` (bucketed, one jitted call per bucket)."""
+    n = len(rows)
+    if n != len(starts):
+        raise ValueError(f"{n} rows but {len(starts)} starts")
+    if n == 0:
+        return PairScores(np.zeros(0), np.zeros(0, bool), np.zeros(0, int), np.zeros(0, int), [], [])
+    lengths = np.array([len(r) for r in rows])
+    st = np.array(starts)
+    if (st < 1).any() or (st >= lengths).any():
+        bad = int(np.flatnonzero((st < 1) | (st >= lengths))[0])
+        raise ValueError(f"row {bad}: target start {st[bad]} outside [1, {lengths[bad]})")
+    if lengths.max() > cfg.max_positions:
+        bad = int(lengths.argmax())
+        raise ValueError(f"row {bad} has {lengths[bad]} tokens > model max_positions {cfg.max_positions}")
+    bmax = _pow2(max(1, batch_size), 1)
+    order = np.argsort(lengths, kind="stable")
+    sum_nll = np.zeros(n)
+    n_corr = np.zeros(n, dtype=np.int64)
+    amax: list[np.ndarray] = [np.zeros(0, np.int32)] * n
+    delta = None if w_out_deltas is None else w_out_deltas.delta
+    dl = None if w_out_deltas is None else tuple(int(l) for l in w_out_deltas.layers)
+    for b0 in range(0, n, bmax):
+        idx = order[b0 : b0 + bmax]
+        B = min(bmax, _pow2(len(idx), 8))
+        T = min(_pow2(int(lengths[idx].max()), 8), max(int(lengths[idx].max()), cfg.max_positions))
+        K = _pow2(int((lengths[idx] - st[idx]).max()), 4)
+        tokens = np.full((B, T), pad_id, np.int32)
+        mask = np.zeros((B, T), bool)
+        pred_pos = np.zeros((B, K), np.int32)
+        tgt = np.zeros((B, K), np.int32)
+        tmask = np.zeros((B, K), bool)
+        for j, i in enumerate(idx):
+            r = rows[i]
+            tokens[j, : len(r)] = r
+            mask[j, : len(r)] = True
+            k = len(r) - st[i]
+            pred_pos[j, :k] = np.arange(st[i] - 1, len(r) - 1)
+            tgt[j, :k] = r[st[i] :]
+            tmask[j, :k] = True
+        mask[len(idx) :, 0] = True  # padding rows: one real token keeps softmax finite
+        s, c, a = _score_bucket(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pred_pos),
+                                jnp.asarray(tgt), jnp.asarray(tmask), delta, dl)
+        s, c, a = np.asarray(s, np.float64), np.asarray(c), np.asarray(a)
+        for j, i in enumerate(idx):
+            sum_nll[i] = s[j]
+            n_corr[i] = c[j]
+            amax[i] = a[j, : lengths[i] - st[i]].copy()
+    n_tok = lengths - st
+    return PairScores(
+        mean_nll=sum_nll / n_tok,
+        all_correct=n_corr == n_tok,
+        n_correct=n_corr,
+        n_tokens=n_tok,
+        argmax=amax,
+        target_ids=[list(r[s_:]) for r, s_ in zip(rows, st)],
+    )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, name, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def score_pairs(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+    w_out_deltas: WDeltas | None = None,
+) -> PairScores:
+    """Full per-pair scores for ``prefix + target`` (targets carry their own leading space)."""
+    rows, starts = encode_pairs(tokenizer, prefixes, targets)
+    return score_rows(cfg, params, rows, starts, batch_size=batch_size, pad_id=_pad_id(tokenizer),
+                      w_out_deltas=w_out_deltas)
+
+
+def target_logprobs(
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    prefixes: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+    w_out_deltas: WDeltas | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean NLL per pair, argmax-equals-every-target-token per pair) — REFERENCE.md §7 scoring."""
+    s = score_pairs(cfg, params, tokenizer, prefixes, targets, batch_size=batch_size, w_out_deltas=w_out_deltas)
+    return s.mean_nll, s.all_correct

@@ -1,0 +1,152 @@
+"""Stage I: upstream target optimization for a whole batch at once (METHOD.md §3).
+
+All ``n`` requests are optimized together in one jitted computation: each request has its own
+δ_i (rows of a (n_pad, d) array), its own Adam moments (Adam is elementwise, so a batched Adam
+equals n independent ones) and its own early-stop flag; the clamp is per request.  The layers
+below ``L`` run once: their output is cached and every step starts the forward pass at ``L``.
+
+The same loss pieces (``edit_and_loc_losses``) are reused by MetaKE's virtual look-ahead (§6).
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from metake_jax.batch import EditBatch
+from models.config import ModelConfig
+from models.interface import AddAt, WDeltas, block_at, forward, gather_positions, head, make_context
+from models.layers import f32
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StageIConfig:
+    """Reference hyper-parameters (REFERENCE.md §6): v_lr, v_num_grad_steps, clamp, KL, wd."""
+
+    lr: float = 0.5
+    steps: int = 25  # v_num_grad_steps: at most steps-1 Adam updates
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    early_stop: float = 5e-2
+
+
+class StageIResult(NamedTuple):
+    Z: Array  # (d, n_pad) targets z_i = h0_i + δ_i
+    H0: Array  # (d, n_pad) block-L output at the bare prompt's subject-last token
+    delta: Array  # (n_pad, d)
+    losses: Array  # (steps, n_pad) total loss at every iteration (reference loop order)
+    nll: Array  # (steps, n_pad)
+    steps_taken: Array  # (n_pad,) number of Adam updates applied
+
+
+def safe_norm(x: Array, axis: int = -1) -> Array:
+    """‖x‖ with a zero (sub)gradient at x = 0, like torch.norm's backward."""
+    ss = jnp.sum(jnp.square(x), axis=axis)
+    return jnp.where(ss > 0, jnp.sqrt(jnp.where(ss > 0, ss, 1.0)), 0.0)
+
+
+def lower_hidden(cfg: ModelConfig, params: Any, batch: EditBatch, L: int) -> Array:
+    """Hidden states entering block L for every row (computed once per batch)."""
+    return forward(cfg, params, batch.tokens, batch.mask, stop_layer=L).last_hidden
+
+
+def upper_logits(
+    cfg: ModelConfig,
+    params: Any,
+    batch: EditBatch,
+    h_in: Array,
+    L: int,
+    *,
+    delta_rows: Array | None = None,
+    w_out: WDeltas | None = None,
+) -> tuple[Array, Array]:
+    """Run blocks L..N-1 from ``h_in``; logits only where losses read them.
+
+    Returns (target logits (R, Tt, V), logits at each row's subject-last token (R, V)).
+    """
+    add = AddAt(L, batch.lookup, delta_rows) if delta_rows is not None else None
+    out = forward(
+        cfg, params, None, batch.mask, h_start=h_in, start_layer=L, add_at=add, w_out_deltas=w_out,
+        stop_layer=cfg.n_layers,
+    )
+    h = out.last_hidden
+    logits_t = head(cfg, params, gather_positions(h, batch.tgt_pos))
+    logits_k = head(cfg, params, gather_positions(h, batch.lookup[:, None]))[:, 0]
+    return logits_t, logits_k
+
+
+def edit_and_loc_losses(
+    logits_t: Array, logits_k: Array, batch: EditBatch, logp_init: Array
+) -> tuple[Array, Array]:
+    """Per-request (NLL of the new target, KL(P_cur ‖ P_init) on the KL prompt), both (n_pad,).
+
+    NLL per rewriting prompt = sum over target tokens / #tokens; mean over the prompts (§3).
+    """
+    logp = jax.nn.log_softmax(logits_t, axis=-1)
+    tok = jnp.take_along_axis(logp, batch.tgt_ids[..., None], axis=-1)[..., 0]
+    m = batch.tgt_mask.astype(logits_t.dtype)
+    row_nll = -(tok * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+    nll = batch.nll_avg @ row_nll
+    logp_k = jax.nn.log_softmax(logits_k, axis=-1)
+    kl_rows = jnp.sum(jnp.exp(logp_k) * (logp_k - logp_init), axis=-1)
+    kl = batch.kl_sel @ kl_rows
+    return nll, kl
+
+
+def rows_of(batch: EditBatch, per_request: Array) -> Array:
+    """Broadcast a per-request array (n_pad, ...) to rows (R, ...)."""
+    per = batch.tokens.shape[0] // batch.valid.shape[0]
+    return jnp.repeat(per_request, per, axis=0)
+
+
+@partial(jax.jit, static_argnames=("cfg", "L", "hp"))
+def optimize_targets(
+    cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
+) -> StageIResult:
+    """Stage I for every request of ``batch`` in one jitted computation (METHOD.md §3)."""
+    n_pad = batch.valid.shape[0]
+    h_in = lower_hidden(cfg, params, batch, L)
+    ctx = make_context(batch.mask)
+    h_L, _ = block_at(cfg, params, L, h_in, ctx)
+    h0_rows = f32(gather_positions(h_L, batch.lookup[:, None])[:, 0])
+    h0 = h0_rows[batch.bare_row]  # (n_pad, d)
+    h0_norm = safe_norm(h0)
+    _, logits_k0 = upper_logits(cfg, params, batch, h_in, L)
+    logp_init = jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1))
+
+    def loss_fn(delta: Array) -> tuple[Array, tuple[Array, Array]]:
+        logits_t, logits_k = upper_logits(cfg, params, batch, h_in, L, delta_rows=rows_of(batch, delta))
+        nll, kl = edit_and_loc_losses(logits_t, logits_k, batch, logp_init)
+        wd = hp.weight_decay * safe_norm(delta) / jnp.square(h0_norm)
+        total = nll + hp.kl_factor * kl + wd
+        return jnp.sum(total * batch.valid), (total, nll)
+
+    opt = optax.adam(hp.lr)
+    delta0 = jnp.zeros((n_pad, cfg.d_model), h0.dtype)
+    max_norm = hp.clamp_norm_factor * h0_norm
+
+    def step(carry, it):
+        delta, opt_state, active, taken = carry
+        (_, (total, nll)), g = jax.value_and_grad(loss_fn, has_aux=True)(delta)
+        active = active & (total >= hp.early_stop) & (it < hp.steps - 1)
+        upd, opt_state = opt.update(g, opt_state, delta)
+        new = delta + upd
+        nn = safe_norm(new)
+        scale = jnp.where(nn > max_norm, max_norm / jnp.where(nn > 0, nn, 1.0), 1.0)
+        new = new * scale[:, None]
+        delta = jnp.where(active[:, None], new, delta)
+        return (delta, opt_state, active, taken + active.astype(jnp.int32)), (total, nll)
+
+    init = (delta0, opt.init(delta0), batch.valid > 0, jnp.zeros((n_pad,), jnp.int32))
+    (delta, _, _, taken), (losses, nlls) = jax.lax.scan(step, init, jnp.arange(hp.steps))
+    Z = (h0 + delta).T * batch.valid
+    chex.assert_shape(Z, (cfg.d_model, n_pad))
+    return StageIResult(Z=Z, H0=h0.T * batch.valid, delta=delta, losses=losses, nll=nlls, steps_taken=taken)

@@ -1,0 +1,133 @@
+"""MetaKE (METHOD.md §6) and the exact hypergradient (§7): identities and finite differences."""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.editor import EditConfig, edit_batch, init_state
+from metake_jax.hypergrad import diagnostics, exact_F, exact_hypergradient, prepare_exact, proxy_hypergradient
+from metake_jax.metake import MetaKEConfig, refine_targets
+from metake_jax.targets import StageIConfig, optimize_targets
+from metake_jax.write import EditorConfig, LayerStats
+from tests.tiny import tiny_model, tiny_tokenizer
+
+TEMPLATES = [["{}"], ["The cat. {}"]]
+REQS = [
+    SimpleNamespace(case_id=1, subject="France", prompt="The capital of {} is", target_new="Berlin"),
+    SimpleNamespace(case_id=2, subject="Toko Yasuda", prompt="{} plays the", target_new="piano"),
+]
+LAYERS = (1, 2)
+ECFG = EditorConfig(method="alphaedit", l2=1.0)
+
+
+def _stats(d_k: int, m: int, seed: int = 0, dtype=np.float32) -> LayerStats:
+    rng = np.random.RandomState(seed)
+    Ps, C0s = [], []
+    for _ in range(m):
+        A = rng.randn(d_k, 4 * d_k)
+        C0 = A @ A.T / (4 * d_k)
+        _, U = np.linalg.eigh(C0)
+        Ps.append(U[:, : d_k // 2] @ U[:, : d_k // 2].T)
+        C0s.append(C0)
+    Cp = np.zeros((m, d_k, d_k))
+    B = rng.randn(m, d_k, 3)
+    Cp += np.einsum("mkn,mjn->mkj", B, B) * 0.1
+    cast = lambda x: jnp.asarray(np.stack(x) if isinstance(x, list) else x, dtype)  # noqa: E731
+    return LayerStats(P=cast(Ps), C0=cast(C0s), Cp=cast(Cp))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    cfg, params = tiny_model("llama", seed=1)
+    b, _ = prepare_batch(tok, REQS, TEMPLATES)
+    b = EditBatch(*map(jnp.asarray, b))
+    Z0 = optimize_targets(cfg, params, b, LAYERS[-1], StageIConfig(steps=4, lr=0.5, weight_decay=0.0)).Z
+    return tok, cfg, params, b, Z0
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def test_single_layer_proxy_equals_exact(setup):
+    _, cfg, params, b, Z0 = setup
+    st = _stats(cfg.d_ff, 1)
+    Z = Z0 + 0.01  # away from the anchor so its gradient is non-zero too
+    ge = exact_hypergradient(cfg, params, b, Z, Z0, (2,), st, ECFG)
+    gp = proxy_hypergradient(cfg, params, b, Z, Z0, (2,), st, ECFG)
+    assert float(jnp.linalg.norm(ge)) > 0
+    assert _rel(gp, ge) <= 1e-5
+
+
+def test_multi_layer_proxy_differs_but_correlates(setup):
+    _, cfg, params, b, Z0 = setup
+    st = _stats(cfg.d_ff, 2)
+    d = diagnostics(cfg, params, b, Z0, Z0, LAYERS, st, ECFG, MetaKEConfig(), 0.1)
+    cos = np.asarray(d.cos)[:2]
+    assert np.all(np.isfinite(cos)) and np.all(cos <= 1 + 1e-6)
+    assert _rel(d.g_proxy, d.g_exact) > 1e-6  # the non-final layers leak: not identical
+    assert np.asarray(d.reduction_bp)[3, :2] == pytest.approx(0.0, abs=1e-6)  # g = 0 changes nothing
+
+
+def test_exact_hypergradient_matches_finite_differences_float64(setup):
+    tok, cfg, params, _, _ = setup
+    with jax.enable_x64(True):
+        cfg64 = cfg.replace(compute_dtype="float64", param_dtype="float64")
+        p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        b, _ = prepare_batch(tok, REQS, TEMPLATES)
+        b = EditBatch(*[jnp.asarray(x, jnp.float64) if np.asarray(x).dtype == np.float32 else jnp.asarray(x)
+                        for x in b])
+        st = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), _stats(cfg.d_ff, 2))
+        e64 = dataclasses.replace(ECFG, solve_dtype="float64")
+        rng = np.random.RandomState(3)
+        Z0 = jnp.asarray(rng.randn(cfg.d_model, b.valid.shape[0]), jnp.float64) * b.valid
+        Z = Z0 + 0.05 * jnp.asarray(rng.randn(*Z0.shape)) * b.valid
+        g = exact_hypergradient(cfg64, p64, b, Z, Z0, LAYERS, st, e64)
+        ectx = prepare_exact(cfg64, p64, b, LAYERS)
+        F = jax.jit(lambda z: jnp.sum(exact_F(cfg64, p64, b, LAYERS, st, e64, ectx, z, Z0) * b.valid))
+        for k in range(2):
+            v = jnp.asarray(rng.randn(*Z.shape)) * b.valid
+            h = 1e-4
+            fd = (F(Z + h * v) - F(Z - h * v)) / (2 * h)
+            an = jnp.sum(g * v)
+            assert abs(float(fd - an)) <= 1e-4 * abs(float(an)), (float(fd), float(an))
+
+
+def test_zero_steps_gives_exactly_alphaedit(setup):
+    tok, cfg, params, _, _ = setup
+    st = _stats(cfg.d_ff, 2)
+    state = init_state(params, cfg, LAYERS, P=st.P, C0=st.C0)
+    hp = StageIConfig(steps=3, lr=0.5)
+    base = EditConfig(layers=LAYERS, stage1=hp, editor=ECFG)
+    s_ae, _ = edit_batch(cfg, state, tok, REQS, TEMPLATES, base)
+    s_t0, _ = edit_batch(cfg, state, tok, REQS, TEMPLATES, dataclasses.replace(base, metake=MetaKEConfig(steps=0)))
+    k_ae = np.asarray(s_ae.params["layers"]["mlp"]["fc_out"]["kernel"])
+    k_t0 = np.asarray(s_t0.params["layers"]["mlp"]["fc_out"]["kernel"])
+    np.testing.assert_array_equal(k_ae, k_t0)
+    k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
+    assert np.abs(k_ae - k0)[list(LAYERS)].max() > 0  # something was written
+    np.testing.assert_array_equal(np.delete(k_ae, LAYERS, 0), np.delete(k0, LAYERS, 0))
+
+
+def test_refinement_lowers_meta_loss_and_ablations_differ(setup):
+    _, cfg, params, b, Z0 = setup
+    st = _stats(cfg.d_ff, 2)
+    outs = {}
+    for name, mc in {
+        "metake": MetaKEConfig(steps=3, lr=0.05),
+        "keyonly": MetaKEConfig(steps=3, lr=0.05, gate="keyonly"),
+        "stopgrad": MetaKEConfig(steps=3, lr=0.05, stop_grad=True),
+    }.items():
+        r = refine_targets(cfg, params, b, Z0, LAYERS, st, ECFG, mc)
+        outs[name] = r
+        curve = np.asarray(r.losses)[:, :2]
+        assert (curve[-1] <= curve[0] + 1e-6).all(), name
+    assert _rel(outs["metake"].Z, outs["keyonly"].Z) > 1e-7
+    assert _rel(outs["metake"].Z, outs["stopgrad"].Z) > 1e-7

@@ -1,0 +1,162 @@
+"""Stage I (METHOD.md §3): torch reference loop as oracle, batching without cross-talk, clamp, stop."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.errors import RequestError
+from metake_jax.targets import StageIConfig, optimize_targets
+from tests.tiny import tiny_hf_model, tiny_tokenizer, to_jax
+
+TEMPLATES = [["{}"], ["The cat. {}", "Because I said. {}"]]
+REQS = [
+    SimpleNamespace(case_id=1, subject="France", prompt="The capital of {} is", target_new="Berlin"),
+    SimpleNamespace(case_id=2, subject="Danielle Darrieux", prompt="The mother tongue of {} is",
+                    target_new="English"),
+    SimpleNamespace(case_id=3, subject="Toko Yasuda", prompt="{} plays the", target_new="piano"),
+]
+L = 2
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = tiny_tokenizer()
+    hf = tiny_hf_model("llama")
+    with torch.no_grad():  # larger hidden norms so the weight-decay term does not dominate
+        for p in hf.model.embed_tokens.parameters():
+            p.mul_(20.0)
+    cfg, params = to_jax(hf)
+    return tok, hf, cfg, params
+
+
+def torch_compute_z(hf, tok, req, hp: StageIConfig) -> np.ndarray:
+    """Reference semantics of MEMIT compute_z written directly in torch (independent oracle)."""
+    t_ids = tok(" " + req.target_new)["input_ids"]
+    flat = [t for g in TEMPLATES for t in g]
+    rows, lookups = [], []
+    for tmpl in flat:
+        ctx = tmpl.replace("{}", req.prompt)
+        prefix = ctx[: ctx.index("{}")]
+        lookups.append(len(tok(prefix + req.subject)["input_ids"]) - 1)
+        rows.append(tok(ctx.replace("{}", req.subject))["input_ids"] + t_ids[:-1])
+    kl = "{} is a"
+    lookups.append(len(tok(req.subject)["input_ids"]) - 1)
+    rows.append(tok(kl.replace("{}", req.subject))["input_ids"])
+    T = max(map(len, rows))
+    ids = torch.zeros((len(rows), T), dtype=torch.long)
+    att = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        att[i, : len(r)] = 1
+    d = hf.config.hidden_size
+    delta = torch.zeros(d, requires_grad=True)
+    state = {}
+
+    def hook(mod, inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if "h0" not in state:
+            state["h0"] = h[0, lookups[0]].detach().clone()
+        h = h.clone()
+        for i, idx in enumerate(lookups):
+            h[i, idx] = h[i, idx] + delta
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    handle = hf.model.layers[L].register_forward_hook(hook)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    init_logp = None
+    try:
+        for it in range(hp.steps):
+            opt.zero_grad()
+            logits = hf(input_ids=ids, attention_mask=att).logits
+            logp = torch.log_softmax(logits, dim=-1)
+            nlls = []
+            for i in range(len(flat)):
+                n = len(rows[i])  # prompt + target[:-1]; logits at n-|t|+j predict target token j
+                nlls.append(-sum(logp[i, n - len(t_ids) + j, t] for j, t in enumerate(t_ids)) / len(t_ids))
+            nll = torch.stack(nlls).mean()
+            kl_logp = logp[-1, lookups[-1]]
+            if init_logp is None:
+                init_logp = kl_logp.detach().clone()
+            kl_term = hp.kl_factor * torch.sum(kl_logp.exp() * (kl_logp - init_logp))
+            wd = hp.weight_decay * torch.norm(delta) / torch.norm(state["h0"]) ** 2
+            loss = nll + kl_term + wd
+            if loss.item() < hp.early_stop or it == hp.steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = hp.clamp_norm_factor * state["h0"].norm()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    return (state["h0"] + delta).detach().numpy()
+
+
+def _run(cfg, params, tok, reqs, hp):
+    b, n = prepare_batch(tok, reqs, TEMPLATES)
+    b = EditBatch(*map(jnp.asarray, b))
+    return optimize_targets(cfg, params, b, L, hp), n
+
+
+HP = StageIConfig(lr=0.2, steps=6, clamp_norm_factor=0.75)
+
+
+def test_batched_matches_torch_reference_loop(setup):
+    tok, hf, cfg, params = setup
+    res, n = _run(cfg, params, tok, REQS, HP)
+    Z = np.asarray(res.Z)
+    for i, req in enumerate(REQS):
+        z_ref = torch_compute_z(hf, tok, req, HP)
+        np.testing.assert_allclose(Z[:, i], z_ref, rtol=1e-4, atol=1e-4 * np.abs(z_ref).max())
+    # the optimization actually moved the targets
+    assert np.abs(np.asarray(res.delta)[:n]).max() > 1e-3
+
+
+def test_no_cross_talk_between_requests(setup):
+    tok, _, cfg, params = setup
+    res, n = _run(cfg, params, tok, REQS, HP)
+    for i, req in enumerate(REQS):
+        single, _ = _run(cfg, params, tok, [req], HP)
+        np.testing.assert_allclose(np.asarray(single.Z)[:, 0], np.asarray(res.Z)[:, i], atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(single.steps_taken)[0], np.asarray(res.steps_taken)[i])
+
+
+def test_clamp_and_early_stop_per_request(setup):
+    tok, _, cfg, params = setup
+    hp = StageIConfig(lr=1.0, steps=6, clamp_norm_factor=0.05, weight_decay=0.0, kl_factor=0.0)
+    res, n = _run(cfg, params, tok, REQS, hp)
+    h0n = np.linalg.norm(np.asarray(res.H0)[:, :n], axis=0)
+    dn = np.linalg.norm(np.asarray(res.delta)[:n], axis=1)
+    assert (dn <= 0.05 * h0n * (1 + 1e-5)).all()
+    assert np.isclose(dn, 0.05 * h0n, rtol=1e-4).any()  # the clamp was active
+    # early stop threshold between the requests' initial losses: exactly those below stop at once
+    first = np.asarray(res.losses)[0, :n]
+    thr = float(np.sort(first)[1]) + 1e-4
+    hp2 = StageIConfig(lr=0.2, steps=6, early_stop=thr)
+    res2, _ = _run(cfg, params, tok, REQS, hp2)
+    taken = np.asarray(res2.steps_taken)[:n]
+    losses = np.asarray(res2.losses)[:, :n]
+    for i in range(n):
+        below = np.nonzero(losses[:, i] < thr)[0]
+        expect = min(below[0] if len(below) else hp2.steps - 1, hp2.steps - 1)
+        assert taken[i] == expect
+    assert taken.min() == 0 and taken.max() > 0
+
+
+def test_request_errors_name_case_and_field(setup):
+    tok = setup[0]
+    bad = [
+        (SimpleNamespace(case_id=7, subject="", prompt="{} is", target_new="x"), "subject"),
+        (SimpleNamespace(case_id=8, subject="Paris", prompt="is in", target_new="x"), "prompt"),
+        (SimpleNamespace(case_id=9, subject="Paris", prompt="{} is in", target_new="  "), "target_new"),
+    ]
+    for req, field in bad:
+        with pytest.raises(RequestError) as e:
+            prepare_batch(tok, [req], TEMPLATES)
+        assert str(req.case_id) in str(e.value) and field in str(e.value)
