@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2", "smollm2 | .gguf file | converted dir | HF dir | hub id")
 flags.DEFINE_string("out", None, "save the converted tree (orbax) + config + tokenizer here")
 flags.DEFINE_string("export_hf", None, "also export an HF checkpoint (config.json + model.safetensors) here")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter / compute dtype")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter / compute dtype (default: as stored)")
 flags.DEFINE_bool("predict", False, "print greedy next-token predictions for factual prompts")
 flags.DEFINE_integer("top_k", 3, "alternatives shown per prompt with --predict")
 

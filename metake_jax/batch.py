@@ -15,7 +15,7 @@ import numpy as np
 
 from metake_jax.errors import RequestError
 from metake_jax.tokens import (
-    bucket, encode, fill, pad_id, pad_right, subject_last_index, target_ids,
+    bucket, bucket_requests, encode, fill, pad_id, pad_right, subject_last_index, target_ids,
 )
 
 KL_TEMPLATE = "{} is a"
@@ -84,7 +84,7 @@ def prepare_batch(
     G = len(flat)
     per = G + 1
     n = len(requests)
-    n_pad = n_pad or bucket(n, minimum=1)
+    n_pad = n_pad or bucket_requests(n)
     rows, lookups, tgts = [], [], []
     for req in requests:
         cid = getattr(req, "case_id", None)
@@ -141,3 +141,35 @@ def prepare_batch(
         valid=(np.arange(n_pad) < n).astype(np.float32),
     )
     return batch, n
+
+
+def rows_per_request(batch: EditBatch) -> int:
+    return batch.tokens.shape[0] // batch.valid.shape[0]
+
+
+def select_rows(batch: EditBatch, keep: Sequence[int]) -> EditBatch:
+    """Host-side sub-batch with only the rows ``keep`` (indices within each request's block).
+
+    Used by the MetaKE look-ahead to score the virtual model on the bare prompt and the KL prompt
+    only (``MetaKEConfig.prompts="bare"``).  NLL weights are renormalized over the kept rewriting
+    rows; ``key_avg`` is restricted too (callers that need template-averaged keys use the full
+    batch).  The bare-prompt row must be kept.
+    """
+    b = EditBatch(*[np.asarray(x) for x in batch])
+    per = rows_per_request(b)
+    n_pad = b.valid.shape[0]
+    keep = sorted(set(int(k) for k in keep))
+    bare = int(b.bare_row[0])
+    if bare not in keep or any(not 0 <= k < per for k in keep):
+        raise ValueError(f"select_rows: keep={keep} must lie in [0, {per}) and include the bare row {bare}")
+    idx = np.asarray([i * per + k for i in range(n_pad) for k in keep], dtype=np.int32)
+    T = bucket(int(b.mask[idx].sum(axis=1).max()))
+    b = b._replace(tokens=b.tokens[:, :T], mask=b.mask[:, :T])
+    nll = b.nll_avg[:, idx]
+    nll = nll / np.maximum(nll.sum(axis=1, keepdims=True), 1e-30)
+    return EditBatch(
+        tokens=b.tokens[idx], mask=b.mask[idx], lookup=b.lookup[idx], tgt_pos=b.tgt_pos[idx],
+        tgt_ids=b.tgt_ids[idx], tgt_mask=b.tgt_mask[idx], key_avg=b.key_avg[:, idx], nll_avg=nll,
+        kl_sel=b.kl_sel[:, idx], bare_row=np.arange(n_pad, dtype=np.int32) * len(keep) + keep.index(bare),
+        valid=b.valid,
+    )

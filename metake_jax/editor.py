@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.batch import EditBatch, prepare_batch, rows_per_request, select_rows
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
@@ -96,8 +96,18 @@ def _timed(timings: dict[str, float], key: str, fn, *args, **kw):
     return out
 
 
+def look_rows(batch: EditBatch, mcfg: MetaKEConfig) -> EditBatch | None:
+    """Rows scoring the virtual model: None (all) or the bare + KL rows of each request."""
+    if mcfg.prompts == "all":
+        return None
+    per = rows_per_request(batch)
+    keep = (int(np.asarray(batch.bare_row)[0]), per - 1)  # the KL row is last in each block
+    return EditBatch(*[jnp.asarray(x) for x in select_rows(batch, keep)])
+
+
 def compute_targets(
-    cfg: ModelConfig, state: EditState, batch: EditBatch, ecfg: EditConfig, timings: dict[str, float]
+    cfg: ModelConfig, state: EditState, batch: EditBatch, ecfg: EditConfig, timings: dict[str, float],
+    look_batch: EditBatch | None = None,
 ) -> tuple[Array, Any, Any]:
     """Stage I and (if configured) the MetaKE refinement. Returns (Z, stage1 result, refine result)."""
     L = ecfg.layers[-1]
@@ -106,7 +116,7 @@ def compute_targets(
     if ecfg.metake is not None and ecfg.metake.steps > 0:
         with _x64(ecfg.editor):
             ref = _timed(timings, "lookahead", refine_targets, cfg, state.params, batch, s1.Z,
-                         ecfg.layers, state.stats, ecfg.editor, ecfg.metake)
+                         ecfg.layers, state.stats, ecfg.editor, ecfg.metake, look_batch)
         Z = ref.Z
     return Z, s1, ref
 
@@ -145,10 +155,11 @@ def edit_batch(
         raise EditError("MEMIT needs layer statistics C0: compute layer statistics first")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad)
-    batch = EditBatch(*[jnp.asarray(x) for x in batch])
+    host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad)
+    batch = EditBatch(*[jnp.asarray(x) for x in host_batch])
+    lb = look_rows(host_batch, ecfg.metake) if ecfg.metake is not None else None
     timings["prepare"] = time.perf_counter() - t0
-    Z, s1, ref = compute_targets(cfg, state, batch, ecfg, timings)
+    Z, s1, ref = compute_targets(cfg, state, batch, ecfg, timings, lb)
     new_state, aux = write_targets(cfg, state, batch, Z, ecfg, timings)
     timings["total"] = time.perf_counter() - t0
     report = BatchReport(

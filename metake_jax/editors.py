@@ -46,8 +46,9 @@ Array = jax.Array
 DType = Any
 
 __all__ = [
-    "FORWARD_ERROR_TOL", "RESIDUAL_TOL", "SolveDiagnostics", "alphaedit_gate", "alphaedit_increment", "alphaedit_system", "association",
-    "check_finite", "check_solve", "increment_from_gate", "interaction_matrix", "keyonly_gate",
+    "FORWARD_ERROR_TOL", "RESIDUAL_TOL", "SolveDiagnostics", "alphaedit_gate", "alphaedit_increment",
+    "alphaedit_system", "association", "check_finite", "check_solve", "increment_from_gate",
+    "interaction_matrix", "keyonly_gate",
     "memit_association", "memit_gate", "memit_increment", "memit_interaction_matrix",
     "memit_seq_increment", "memit_system",
 ]

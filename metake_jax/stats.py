@@ -36,7 +36,7 @@ import random
 import re
 import socket
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import chex
 import jax
@@ -484,11 +484,14 @@ def layer_stats(
         raise StatsMissingError(
             "layer statistics missing for "
             + ", ".join(f"layer {l} ({paths[l]})" for l in missing)
-            + "; run with compute=True (or the stats CLI) to build them")
+            + "; call layer_stats with compute=True to build them")
     if missing:
         log.info("computing E[kk^T] for layers %s over %d docs of %s", missing, n_samples, cid)
         texts = load_corpus(corpus_spec, n_samples, cfg=cfg, params=params, tokenizer=tokenizer,
                             max_len=max_len)
+        if len(texts) < n_samples:
+            log.warning("statistics corpus %s has only %d of the %d requested documents",
+                        cid, len(texts), n_samples)
         token_lists = tokenize_corpus(tokenizer, texts, max_len)
         batches = make_batches(token_lists, max_len=max_len, token_budget=token_budget,
                                multiple=mesh_size(mesh))

@@ -42,7 +42,7 @@ class StageIResult(NamedTuple):
     Z: Array  # (d, n_pad) targets z_i = h0_i + δ_i
     H0: Array  # (d, n_pad) block-L output at the bare prompt's subject-last token
     delta: Array  # (n_pad, d)
-    losses: Array  # (steps, n_pad) total loss at every iteration (reference loop order)
+    losses: Array  # (steps, n_pad) total loss per iteration (held after a request stops)
     nll: Array  # (steps, n_pad)
     steps_taken: Array  # (n_pad,) number of Adam updates applied
 
@@ -133,9 +133,15 @@ def optimize_targets(
     delta0 = jnp.zeros((n_pad, cfg.d_model), h0.dtype)
     max_norm = hp.clamp_norm_factor * h0_norm
 
-    def step(carry, it):
-        delta, opt_state, active, taken = carry
+    def cond(carry):
+        it, _, _, active, _, _, _ = carry
+        return (it < hp.steps) & jnp.any(active)
+
+    def body(carry):
+        it, delta, opt_state, active, taken, losses, nlls = carry
         (_, (total, nll)), g = jax.value_and_grad(loss_fn, has_aux=True)(delta)
+        losses = losses.at[it].set(jnp.where(active, total, losses[it]))
+        nlls = nlls.at[it].set(jnp.where(active, nll, nlls[it]))
         active = active & (total >= hp.early_stop) & (it < hp.steps - 1)
         upd, opt_state = opt.update(g, opt_state, delta)
         new = delta + upd
@@ -143,10 +149,17 @@ def optimize_targets(
         scale = jnp.where(nn > max_norm, max_norm / jnp.where(nn > 0, nn, 1.0), 1.0)
         new = new * scale[:, None]
         delta = jnp.where(active[:, None], new, delta)
-        return (delta, opt_state, active, taken + active.astype(jnp.int32)), (total, nll)
+        return it + 1, delta, opt_state, active, taken + active.astype(jnp.int32), losses, nlls
 
-    init = (delta0, opt.init(delta0), batch.valid > 0, jnp.zeros((n_pad,), jnp.int32))
-    (delta, _, _, taken), (losses, nlls) = jax.lax.scan(step, init, jnp.arange(hp.steps))
+    # The loop ends as soon as every request has stopped (reference: per-request early stop at
+    # 5e-2, at most steps-1 Adam updates); a stopped request's loss curve holds its last value.
+    nan = jnp.full((hp.steps, n_pad), jnp.nan, h0.dtype)
+    init = (jnp.asarray(0), delta0, opt.init(delta0), batch.valid > 0, jnp.zeros((n_pad,), jnp.int32),
+            nan, nan)
+    _, delta, _, _, taken, losses, nlls = jax.lax.while_loop(cond, body, init)
+    fill_forward = lambda x: jax.lax.associative_scan(  # noqa: E731
+        lambda a, b: jnp.where(jnp.isnan(b), a, b), x, axis=0)
+    losses, nlls = fill_forward(losses), fill_forward(nlls)
     Z = (h0 + delta).T * batch.valid
     chex.assert_shape(Z, (cfg.d_model, n_pad))
     return StageIResult(Z=Z, H0=h0.T * batch.valid, delta=delta, losses=losses, nll=nlls, steps_taken=taken)

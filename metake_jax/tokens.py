@@ -62,16 +62,23 @@ def subject_last_index(
     return n - 1
 
 
-def bucket(n: int, *, minimum: int = 8, multiple: int = 8) -> int:
-    """Static size bucket: powers of two up to 64, then multiples of ``multiple``·4."""
+def bucket(n: int, *, minimum: int = 8, multiple: int = 16) -> int:
+    """Static size bucket: powers of two below ``multiple``, then multiples of ``multiple``.
+
+    Coarse enough that a sequential stream reuses compiled shapes, fine enough that padding
+    wastes little compute (rows of 33 tokens pad to 48, not 64).
+    """
     n = max(n, minimum)
-    p = 1
-    while p < n:
-        p *= 2
-    if p <= 64:
-        return p
-    step = multiple * 4
-    return ((n + step - 1) // step) * step
+    if n <= multiple:
+        return 1 << (n - 1).bit_length()
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def bucket_requests(n: int) -> int:
+    """Static bucket for the number of requests in a batch: 1, 2, 4, then multiples of 8."""
+    if n <= 4:
+        return 1 << max(n - 1, 0).bit_length()
+    return ((n + 7) // 8) * 8
 
 
 def pad_right(

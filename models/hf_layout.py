@@ -221,8 +221,8 @@ def hf_to_params(
                 per_layer.setdefault(("attn", p, "kernel"), []).append(w[:, j * d:(j + 1) * d])
                 per_layer.setdefault(("attn", p, "bias"), []).append(b[j * d:(j + 1) * d])
     layers: dict[str, Any] = {}
-    for path, arrs in per_layer.items():
-        _set(layers, path, np.stack(arrs))
+    for path in list(per_layer):  # pop as we stack: peak ~ one tree, not two
+        _set(layers, path, np.stack(per_layer.pop(path)))
     params["layers"] = layers
     extra = [canon[n] for n in canon if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:

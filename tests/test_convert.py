@@ -108,14 +108,16 @@ def test_export_round_trip(kind, tmp_path):
     _check_against(reloaded, cfg, params)
 
 
-def test_orbax_round_trip(llama, tmp_path):
-    cfg, params = convert.load_hf_checkpoint(str(hf_ckpt.save(llama, tmp_path / "src")))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_orbax_round_trip(llama, tmp_path, dtype):
+    cfg, params = convert.load_hf_checkpoint(str(hf_ckpt.save(llama, tmp_path / "src")), dtype=dtype)
     convert.save_converted(tmp_path / "conv", cfg, params)
     cfg2, params2 = convert.restore_converted(tmp_path / "conv")
     assert cfg2 == cfg
     assert jax.tree.structure(params2) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.dtype == b.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     cfg3, params3, tok = convert.load_model(str(tmp_path / "conv"))
     assert cfg3 == cfg and tok is None
 
@@ -203,3 +205,90 @@ def test_export_refuses_nan(llama, tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
     with pytest.raises(ConversionError, match="NaN"):
         convert.save_converted(tmp_path / "conv", cfg, params)
+
+
+# ----------------------------------------------------------------------------- GGUF (tiny, F32)
+
+_HF_TO_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def _write_gguf(model, path, arch: str, extra=None):
+    """Write ``model`` as an F32 GGUF the way llama.cpp's converter does (q/k rows permuted for llama)."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if extra is not None:
+        extra(w)
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    for name, a in sd.items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            gname = f"blk.{i}.{_HF_TO_GGUF_LAYER[rest]}"
+            if arch == "llama" and rest.startswith(("self_attn.q_proj", "self_attn.k_proj")):
+                heads = c.num_attention_heads if "q_proj" in rest else c.num_key_value_heads
+                a = convert.llamacpp_permute(a, heads)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "llama_untied", "qwen2", "qwen3"])
+def test_gguf_tiny_matches_torch(kind, tmp_path):
+    model = hf_ckpt.build(kind, seed=11)
+    arch = {"llama_tied": "llama", "llama_untied": "llama"}.get(kind, kind)
+    cfg, params = convert.load_gguf(_write_gguf(model, tmp_path / "m.gguf", arch))
+    assert cfg.tie_embeddings == model.config.tie_word_embeddings
+    assert (cfg.attn_bias, cfg.qk_norm) == (kind == "qwen2", kind == "qwen3")
+    _check_against(model, cfg, params)
+
+
+def test_llamacpp_permutation_round_trip():
+    w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)
+    p = convert.llamacpp_permute(w, 6)
+    assert not np.array_equal(p, w)
+    np.testing.assert_array_equal(convert.llamacpp_unpermute(p, 6), w)
+    # head 0 rows in GGUF order interleave the two rotary halves: x0, y0, x1, y1, ...
+    np.testing.assert_array_equal(p[:4, 0], w[[0, 4, 1, 5], 0])
+
+
+def test_gguf_errors(tmp_path):
+    with pytest.raises(ConversionError, match="GGUF file not found.*nope.gguf"):
+        convert.load_gguf(tmp_path / "nope.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConversionError, match="bad.gguf"):
+        convert.load_gguf(tmp_path / "bad.gguf")
+    model = hf_ckpt.build("llama_untied")
+    scaled = _write_gguf(model, tmp_path / "scaled.gguf", "llama", extra=lambda w: w.add_rope_scaling_type(
+        __import__("gguf").RopeScalingType.LINEAR))
+    with pytest.raises(ConversionError, match=r"scaled.gguf.*rope scaling.*linear"):
+        convert.load_gguf(scaled)

@@ -122,6 +122,9 @@ def test_topk_sampling_seeded_and_within_topk():
     b = _sample(cfg, params, toks, mask, seed=7)
     c = _sample(cfg, params, toks, mask, seed=8)
     np.testing.assert_array_equal(a, b)
+    raw_key = generate_tokens(cfg, params, toks, mask, max_new_tokens=n_new, rng=jax.random.PRNGKey(7),
+                              top_k=k)
+    np.testing.assert_array_equal(a, raw_key)  # a raw uint32 key is the same key
     assert (a[:, t0:] != c[:, t0:]).any()
     np.testing.assert_array_equal(a[:, :t0], toks)
     # recompute the no-cache logits over the sampled sequence: each token is in that step's top-k
@@ -180,7 +183,7 @@ def test_sample_texts_independent_of_batch_size():
     _, cfg, params = _model("gptj")
     prompts = ["The", "Therefore", "Because", "I", "You", "The capital of"]
     a = sample_texts(cfg, params, tok, prompts, max_out_len=12, seed=3, batch_size=64)
-    b = sample_texts(cfg, params, tok, prompts, max_out_len=12, seed=3, batch_size=2)
+    b = sample_texts(cfg, params, tok, prompts, max_out_len=12, seed=3, batch_size=3)
     assert a == b
     assert a != sample_texts(cfg, params, tok, prompts, max_out_len=12, seed=4)
 

@@ -103,10 +103,13 @@ def test_glue_tiny_model_vs_torch(tmp_path):
              "the guitar and the piano", "Michael Jordan plays", "Islam and Christianity"]
     recs = [{"sentence": words[i % len(words)], "label": i % 2, "idx": i} for i in range(18)]
     (tmp_path / "sst2.json").write_text(json.dumps(recs))
+    mm = [{"question": words[i % len(words)] + "?", "subject": "x", "choices": words[i % 4: i % 4 + 4],
+           "answer": i % 4} for i in range(18)]
+    (tmp_path / "mmlu.json").write_text(json.dumps(mm))
     tok = tiny_tokenizer(add_bos=False)
     model = tiny_hf_model("gpt2", seed=5)
     cfg, params = to_jax(model)
-    out = evaluate_glue(cfg, params, tok, data_dir=tmp_path, tasks=("sst2",), n=6, seed=1, batch_size=8)
+    out = evaluate_glue(cfg, params, tok, data_dir=tmp_path, tasks=("sst2", "mmlu"), n=6, seed=1, batch_size=8)
     r = out["tasks"]["sst2"]
     prompts, labels = load_task(TASKS["sst2"], tmp_path)
     want_preds = []
@@ -121,6 +124,17 @@ def test_glue_tiny_model_vs_torch(tmp_path):
     for i, cont in zip(r["indices"], r["generations"]):  # greedy continuation == HF greedy generate
         ids = torch.tensor([tok(prompts[i])["input_ids"]])
         g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                           pad_token_id=tok.eos_token_id)
+        assert cont == tok.decode(g[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    # MMLU (10 generated tokens, generated in the same batches as SST-2's 3) and its 4-way likelihood rule
+    r = out["tasks"]["mmlu"]
+    prompts, labels = load_task(TASKS["mmlu"], tmp_path)
+    assert r["labels"] == labels[r["indices"]].tolist() and sorted(r["labels"]) == [0, 0, 1, 1, 2, 3]
+    for i, cont, pred in zip(r["indices"], r["generations"], r["predictions_new"]):
+        nll = np.array([[_torch_mean_nll(model, tok, prompts[i], " " + a) for a in "ABCD"]])
+        assert pred == predict_from_nll(nll, [0, 1, 2, 3])[0]
+        ids = torch.tensor([tok(prompts[i])["input_ids"]])
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                            pad_token_id=tok.eos_token_id)
         assert cont == tok.decode(g[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 

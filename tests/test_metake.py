@@ -128,6 +128,7 @@ def test_refinement_lowers_meta_loss_and_ablations_differ(setup):
         r = refine_targets(cfg, params, b, Z0, LAYERS, st, ECFG, mc)
         outs[name] = r
         curve = np.asarray(r.losses)[:, :2]
-        assert (curve[-1] <= curve[0] + 1e-6).all(), name
+        if not mc.stop_grad:  # stop-grad feedback is not a gradient of ℓ_meta: no descent guarantee
+            assert (curve[-1] <= curve[0] + 1e-6).all(), name
     assert _rel(outs["metake"].Z, outs["keyonly"].Z) > 1e-7
     assert _rel(outs["metake"].Z, outs["stopgrad"].Z) > 1e-7

@@ -107,3 +107,29 @@ def test_case_validation():
     with pytest.raises(RequestError) as e:
         validate_case(dataclasses.replace(case, request=dataclasses.replace(GOOD, target_true=None)))
     assert e.value.field == "target_true"
+
+
+class TrailingSpaceTok:
+    """Byte-level-BPE-like pieces: a word with its leading space, and a lone trailing space token."""
+
+    def __init__(self, bos=None):
+        self.bos = bos
+
+    def __call__(self, text):
+        import re
+
+        ids = [hash(p) % 1000 + 2 for p in re.findall(r"\s?\S+|\s", text)]
+        return {"input_ids": ([self.bos] if self.bos is not None else []) + ids}
+
+
+@pytest.mark.parametrize("bos", [None, 1])
+def test_subject_check_with_trailing_space_prefix(bos):
+    """"The capital of " ends in a space token that " France" absorbs: the request is still valid."""
+    tok = TrailingSpaceTok(bos)
+    prefix = "The capital of "
+    assert len(tok(prefix + "France")["input_ids"]) == len(tok(prefix)["input_ids"])  # the trap
+    req = EditRequest(case_id=0, subject="France", prompt="The capital of {} is", target_new="Berlin",
+                      target_true="Paris")
+    assert validate_request(req, tok) is req
+    start = EditRequest(case_id=1, subject="France", prompt="{} is", target_new="Berlin", target_true="Paris")
+    assert validate_request(start, tok) is start

@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -78,7 +77,8 @@ def test_one_pass_matches_torch_per_sequence(model, docs):
 
 def test_padding_content_is_ignored(model, docs):
     _, cfg, params = model
-    a, ca = S.accumulate_second_moment(cfg, params, S.make_batches(docs, max_len=MAX_LEN, token_budget=BUDGET), LAYERS)
+    a, ca = S.accumulate_second_moment(
+        cfg, params, S.make_batches(docs, max_len=MAX_LEN, token_budget=BUDGET), LAYERS)
     b, cb = S.accumulate_second_moment(
         cfg, params, S.make_batches(docs, max_len=MAX_LEN, token_budget=BUDGET, pad_id=311), LAYERS)
     assert ca == cb

@@ -206,8 +206,13 @@ def _metrics(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
             "mcc": matthews_corrcoef(labels, preds)}
 
 
-def _generate_continuations(cfg: Any, params: Any, tokenizer: Any, prompts: Sequence[str], gen_len: int,
+def _generate_continuations(cfg: Any, params: Any, tokenizer: Any, prompts: Sequence[str], gen_lens: Sequence[int],
                             batch_size: int) -> list[str]:
+    """Greedy continuations of ``gen_lens[i]`` tokens for every prompt of every task at once.
+
+    Greedy decoding is prefix-consistent, so all prompts run to ``max(gen_lens)`` new tokens in
+    length-sorted batches (few compiled shapes) and each is cut to its own task's length.
+    """
     from models.generate import generate  # lazy: only for generation scoring
 
     ids = [list(x) for x in tokenizer(list(prompts))["input_ids"]]
@@ -223,9 +228,9 @@ def _generate_continuations(cfg: Any, params: Any, tokenizer: Any, prompts: Sequ
         for r, i in enumerate(idx):
             toks[r, t0 - len(ids[i]):] = ids[i]
             mask[r, t0 - len(ids[i]):] = True
-        g = np.asarray(generate(cfg, params, toks, mask, max_new_tokens=gen_len, top_k=None).tokens)[:, t0:]
+        g = np.asarray(generate(cfg, params, toks, mask, max_new_tokens=max(gen_lens), top_k=None).tokens)[:, t0:]
         for r, i in enumerate(idx):
-            out[i] = tokenizer.decode(g[r].tolist(), skip_special_tokens=True)
+            out[i] = tokenizer.decode(g[r, : gen_lens[i]].tolist(), skip_special_tokens=True)
     return out
 
 
@@ -268,8 +273,14 @@ def evaluate_glue(
         from metake_jax.evaluate.counterfact import apply_w_out_deltas
 
         gparams = apply_w_out_deltas(params, w_out_deltas)
+    conts: list[str] = []
+    if generation:
+        all_prompts = [p for name in tasks for p in chosen[name][0]]
+        gen_lens = [TASKS[name].gen_len for name in tasks for _ in chosen[name][0]]
+        conts = _generate_continuations(cfg, gparams, tokenizer, all_prompts, gen_lens, batch_size)
     results: dict[str, Any] = {}
     pos = 0
+    gpos = 0
     for name in tasks:
         task = TASKS[name]
         prompts, labels, idx = chosen[name]
@@ -282,11 +293,12 @@ def evaluate_glue(
                              "predictions_new": preds_new.tolist(), "accuracy_new": m_new["accuracy"],
                              "f1_new": m_new["f1"], "mcc_new": m_new["mcc"]}
         if generation:
-            conts = _generate_continuations(cfg, gparams, tokenizer, prompts, task.gen_len, batch_size)
-            preds = np.array([task.parse(task.answer_text(p, c)) for p, c in zip(prompts, conts)], dtype=np.int64)
+            tc = conts[gpos : gpos + len(prompts)]
+            gpos += len(prompts)
+            preds = np.array([task.parse(task.answer_text(p, c)) for p, c in zip(prompts, tc)], dtype=np.int64)
             m = _metrics(labels, preds)
             r.update(predictions=preds.tolist(), invalid=int((preds == -1).sum()), accuracy=m["accuracy"],
-                     f1=m["f1"], mcc=m["mcc"], generations=conts)
+                     f1=m["f1"], mcc=m["mcc"], generations=tc)
         results[name] = r
     return {"tasks": results, "data_dir": str(d), "selection": selection, "seed": seed,
             "scoring": "likelihood (f1_new)" + (" + greedy generation (f1)" if generation else "")}

@@ -1,0 +1,1 @@
+"""Run configurations (ml_collections ``get_config()`` per file); see configs/base.py for every field."""

@@ -1,0 +1,119 @@
+"""Every field of a run configuration, with its meaning (METHOD.md §3–§9, REFERENCE.md §5–§8).
+
+Use a model/dataset config (e.g. ``configs/smollm2_cf.py``) and override fields on the command line::
+
+    python launch/edit.py --config=configs/smollm2_cf.py --config.batch_size=10 --config.method=metake
+
+Fields that are "unset" by default are ml_collections placeholders (overridable with a value).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"  # benchmark data lives beside the repo, never inside it
+
+METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
+           "metake_stopgrad")
+
+
+def data_path(relative: str) -> str:
+    """``<repo>/../shared/data/<relative>`` (the file may be absent; the runner then says so)."""
+    return str(SHARED_DATA / relative)
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+
+    # ---------------------------------------------------------------- model
+    # Model spec: "smollm2" (embedded SmolLM2-135M-Instruct) | path to a .gguf file | a converted
+    # (orbax) directory | an HF checkpoint directory | a hub id "org/name" (needs network) |
+    # "random:<family>[:<size>]" (random weights + built-in tokenizer; family gpt2|gptj|llama|qwen3).
+    c.model = "smollm2"
+    c.dtype = "float32"  # float32 | bfloat16 (param/compute dtype)
+    c.model_id = placeholder(str)  # id used in the statistics cache key (default: derived from model)
+
+    # ---------------------------------------------------------------- requests
+    c.data = ConfigDict()
+    c.data.path = "demo"  # "demo" = bundled metake_jax/data/demo_counterfact.json, else a JSON file
+    c.data.format = "auto"  # auto | rome | flat | zsre (metake_jax.data.loaders)
+    c.data.n = placeholder(int)  # number of cases (unset = all)
+    c.data.seed = placeholder(int)  # unset = first n in file order; else a seeded random n (file order kept)
+
+    # ---------------------------------------------------------------- method (METHOD.md §4, §6)
+    c.method = "alphaedit"  # one of METHODS
+    c.batch_size = 100  # requests per sequential batch (METHOD.md §9)
+    c.layers = (4, 5, 6, 7, 8)  # edited layers (increasing)
+
+    # Stage I (METHOD.md §3; reference v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weight_decay)
+    c.stage1 = ConfigDict()
+    c.stage1.lr = 0.5
+    c.stage1.steps = 25
+    c.stage1.clamp_norm_factor = 0.75
+    c.stage1.kl_factor = 0.0625
+    c.stage1.weight_decay = 0.5
+    c.stage1.early_stop = 5e-2  # stop a request's optimization once its NLL < this
+
+    # Downstream editor (METHOD.md §4; REFERENCE.md §5)
+    c.editor = ConfigDict()
+    c.editor.l2 = 10.0  # AlphaEdit L2 (λ of (P(KKᵀ+C_p) + λI))
+    c.editor.mom2_update_weight = 15000.0  # MEMIT λ_C
+    c.editor.solve_dtype = placeholder(str)  # float32 | float64; unset: float64 for MEMIT, float32 for AlphaEdit (reference)
+    c.editor.nullspace_threshold = 2e-2  # absolute eigenvalue threshold on C0 = E[kkᵀ]
+    c.editor.energy = placeholder(float)  # optional: keep the null space holding this energy fraction instead
+
+    # MetaKE refinement (METHOD.md §6); used by the metake* methods
+    c.metake = ConfigDict()
+    c.metake.steps = 15  # T outer steps
+    c.metake.lr = 0.5  # η
+    c.metake.gate = "structural"  # structural | keyonly (set by method=metake_keyonly)
+    c.metake.stop_grad = False  # set by method=metake_stopgrad
+    c.metake.weights = ConfigDict(dict(edit=1.0, loc=1.0, anchor=1.0))
+
+    # ---------------------------------------------------------------- layer statistics C0 (REFERENCE.md §3)
+    c.stats = ConfigDict()
+    c.stats.kind = "datasets"  # datasets | files | model (texts sampled from the model itself; offline)
+    c.stats.name = "wikipedia"  # HF dataset (kind=datasets)
+    c.stats.config = "20200501.en"
+    c.stats.split = "train"
+    c.stats.paths = ()  # .txt / .jsonl files (kind=files)
+    c.stats.n_samples = 100000
+    c.stats.max_len = 512
+    c.stats.token_budget = 8192  # tokens per statistics forward batch
+    c.stats.seed = 1
+    c.stats.cache_dir = ""  # "" = $METAKE_CACHE/stats (default ~/.cache/metake-jax/stats)
+
+    # ---------------------------------------------------------------- evaluation (METHOD.md §8; REFERENCE.md §7–§8)
+    c.eval = ConfigDict()
+    c.eval.pre = True  # evaluate all cases on the unedited model (pre/post table)
+    c.eval.final = True  # evaluate all cases on the final model
+    c.eval.batch = True  # after each batch, efficacy on that batch's cases (cheap; plotted vs edits)
+    c.eval.batch_size = 32  # scoring batch size
+    c.eval.fluency = False  # CounterFact fluency (n-gram entropy of generations)
+    c.eval.fluency_cases = 0  # generations for the first N cases only (0 = all cases)
+    c.eval.max_out_len = 100
+    c.eval.reference_stats = ""  # dir with attribute_snippets.json / idf.npy / tfidf_vocab.json (consistency)
+    c.eval.glue_dir = data_path("glue_eval")  # skipped when the directory is absent
+    c.eval.glue_tasks = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
+    c.eval.glue_n = 100  # examples per task
+    c.eval.glue_every = 5  # GLUE on the base model and after every k batches (0 = base and final only, -1 = never)
+    c.eval.glue_generation = True  # also the generation-based F1 (slower)
+
+    # ---------------------------------------------------------------- context templates (METHOD.md §2)
+    c.templates = ConfigDict()
+    c.templates.seed = 0
+    c.templates.file = ""  # JSON [["{}"], [...]] to use instead of sampling
+    c.templates.n_per_prompt = 1  # samples per seed word (5 seed words)
+    c.templates.length = 10  # tokens per sampled template
+
+    # ---------------------------------------------------------------- run
+    c.run_dir = "runs/default"
+    c.resume = False  # continue from run_dir/checkpoints (same weights as an uninterrupted run)
+    c.keep_checkpoints = 2
+    c.export_hf = ""  # if set, write the edited model there as an HF checkpoint
+    c.seed = 0  # run RNG (random models, generations)
+    c.progress = True  # tqdm progress bars
+    return c

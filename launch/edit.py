@@ -1,0 +1,73 @@
+"""Sequential knowledge editing from a config file (METHOD.md §9).
+
+    python launch/edit.py --config=configs/smollm2_cf.py
+    python launch/edit.py --config=configs/smollm2_cf.py --config.batch_size=10 --config.method=alphaedit
+    python launch/edit.py --config=configs/gptj_cf.py --config.model=/models/gpt-j-6B --config.run_dir=runs/gptj
+    python launch/edit.py --config=configs/smollm2_cf.py --config.resume=True     # continue a stopped run
+
+Every field of ``configs/base.py`` can be overridden with ``--config.<field>=<value>``.
+Outputs go to ``config.run_dir``: results.json, results.md, plots/, eval_{pre,post}.json,
+templates.json, checkpoints/ (the latest 2), edit_log.jsonl.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # respect the user's values; default: no network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from absl import app, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+
+
+def _fields_help() -> str:
+    """Every overridable field with its configs/base.py default, for --help."""
+    from configs import base
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if hasattr(v, "items"):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"--config.{prefix}{k}={v!r}"
+
+    return "\n".join(flat(base.get_config()))
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "run configuration file (configs/*.py); any field can be overridden with "
+    "--config.<field>=<value>. Fields (configs/base.py defaults):\n" + _fields_help(), lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/<name>.py is required")
+    import logging as pylogging
+
+    pylogging.basicConfig(level=pylogging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    pylogging.getLogger().setLevel(pylogging.INFO)
+    pylogging.getLogger("absl").setLevel(pylogging.WARNING)  # orbax logs every save step at INFO
+    from metake_jax.report import metrics_table
+    from metake_jax.runner import RunError, run
+
+    try:
+        results = run(config)
+    except RunError as e:
+        logging.error("%s", e)
+        sys.exit(1)
+    print()
+    print(f"{results['method']} on {results['model']}: {results['n_cases']} {results['kind']} cases, "
+          f"{results['n_batches']} batches of <= {results['batch_size']}")
+    print(metrics_table(results))
+    print(f"wall time {results['wall_s'].get('total')} s; results in {Path(str(config.run_dir)).expanduser()}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,61 @@
+"""Precompute and cache the layer statistics C0 = E[kkᵀ] of a config's edited layers (REFERENCE.md §3).
+
+    python launch/stats.py --config=configs/smollm2_cf.py
+    python launch/stats.py --config=configs/gptj_cf.py --config.model=/models/gpt-j-6B --config.stats.n_samples=100000
+
+Uses the same fields as launch/edit.py (model, dtype, layers, stats.*); the cache lands in
+``config.stats.cache_dir`` where later runs find it.  ``--projector`` also prints the
+null-space projector ranks for ``editor.nullspace_threshold``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "run configuration file (configs/*.py)")
+_PROJ = flags.DEFINE_bool("projector", True, "also compute the null-space projector ranks")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = _CONFIG.value
+    if c is None:
+        raise app.UsageError("--config=configs/<name>.py is required")
+    import logging as pylogging
+
+    pylogging.basicConfig(level=pylogging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    pylogging.getLogger().setLevel(pylogging.INFO)
+    pylogging.getLogger("absl").setLevel(pylogging.WARNING)  # orbax logs every save step at INFO
+    import numpy as np
+
+    from metake_jax.runner import _get, layer_statistics, load_model_spec, model_id_for, stats_cache_dir
+
+    t = time.perf_counter()
+    cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=int(c.seed))
+    mid = _get(c, "model_id") or model_id_for(c.model, cfg, int(c.seed), str(c.dtype))
+    C0 = layer_statistics(c, cfg, params, tok, mid)
+    print(f"C0 for layers {tuple(c.layers)} of {mid}: shape {tuple(C0.shape)}, "
+          f"trace/d_k {[round(float(np.trace(np.asarray(x))) / x.shape[0], 5) for x in C0]}, "
+          f"{time.perf_counter() - t:.1f}s; cache {stats_cache_dir(c)}")
+    if _PROJ.value:
+        from metake_jax.projector import projectors_for_layers
+
+        energy = _get(c, "editor.energy")
+        _, ranks = projectors_for_layers(C0, threshold=float(c.editor.nullspace_threshold),
+                                         energy=None if energy is None else float(energy), layers=tuple(c.layers))
+        print(f"null-space projector ranks (threshold {c.editor.nullspace_threshold}): {list(map(int, ranks))} "
+              f"of d_k={cfg.d_ff}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,561 @@
+"""The sequential editing protocol (METHOD.md §9, REFERENCE.md §5 "Sequential protocol").
+
+``run(config)`` does, for a run configuration (``configs/base.py``):
+
+1. load the model and tokenizer (``models.convert.load_model``, or ``random:<family>[:<size>]``);
+2. select the cases (``metake_jax.data.loaders``), in file order;
+3. context templates (METHOD.md §2; ``models.generate.context_templates``, seeded, cached in
+   ``run_dir/templates.json``; or ``templates.file``);
+4. layer statistics C0 (``metake_jax.stats.layer_stats``, cached) → projectors P (AlphaEdit /
+   MetaKE) or C0 (MEMIT);
+5. pre-edit evaluation of all cases and GLUE on the base model;
+6. the batches of ``batch_size`` cases through ``editor.edit_batch``, each on top of the last
+   (C_p accumulates), with a checkpoint after every batch (``metake_jax.checkpoint``); GLUE after
+   every k batches; the just-edited batch's efficacy (cheap) for the edits-vs-metrics plot;
+7. final evaluation of all cases on the final model; results.json, results.md, plots
+   (``metake_jax.report``), optional HF export.
+
+``resume=True`` restarts from the last checkpoint: the base model is loaded and the edited layers'
+kernels and C_p are overwritten from the checkpoint, so the run ends with the same weights as an
+uninterrupted one; no case is edited twice or skipped.  A batch that raises leaves the state
+unchanged and stops the run with a ``RunError`` naming the batch and its case ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metake_jax.checkpoint import RunCheckpointer
+from metake_jax.editor import EditConfig, EditState, edit_batch, init_state
+from metake_jax.errors import EditError, RequestError
+from metake_jax.metake import MetaKEConfig
+from metake_jax.requests import Case
+from metake_jax.targets import StageIConfig
+from metake_jax.write import EditorConfig
+from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
+           "metake_stopgrad")
+
+__all__ = [
+    "METHODS", "RunError", "RunHooks", "edit_config", "load_model_spec", "load_run_cases", "run",
+    "get_templates", "layer_statistics", "model_id_for", "stats_cache_dir",
+]
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (bad config, failed batch, inconsistent checkpoint); says why."""
+
+
+@dataclasses.dataclass
+class RunHooks:
+    """Callbacks for tests and tools. ``after_checkpoint(batches_done, state)`` runs right after
+    each batch's checkpoint is written."""
+
+    after_checkpoint: Callable[[int, EditState], None] | None = None
+
+
+# ============================================================================ config → objects
+
+
+def _get(c: Any, dotted: str, default: Any = None) -> Any:
+    cur = c
+    for part in dotted.split("."):
+        try:
+            cur = cur[part]
+        except (KeyError, TypeError, AttributeError):
+            return default
+    return default if cur is None else cur
+
+
+def edit_config(c: Any) -> EditConfig:
+    """``method`` + hyper-parameters → ``EditConfig`` (the method table of the brief / METHOD.md §4, §6)."""
+    method = c.method
+    if method not in METHODS:
+        raise RunError(f"config.method={method!r} is not one of {', '.join(METHODS)}")
+    inner = "memit" if method in ("memit", "metake_memit") else "alphaedit"
+    solve = _get(c, "editor.solve_dtype") or ("float64" if inner == "memit" else "float32")
+    editor = EditorConfig(method=inner, l2=float(c.editor.l2),
+                          mom2_update_weight=float(c.editor.mom2_update_weight), solve_dtype=solve)
+    s = c.stage1
+    stage1 = StageIConfig(lr=float(s.lr), steps=int(s.steps), clamp_norm_factor=float(s.clamp_norm_factor),
+                          kl_factor=float(s.kl_factor), weight_decay=float(s.weight_decay),
+                          early_stop=float(_get(c, "stage1.early_stop", 5e-2)))
+    metake = None
+    if method.startswith("metake"):
+        m = c.metake
+        w = _get(c, "metake.weights", {}) or {}
+        metake = MetaKEConfig(
+            steps=0 if method == "metake_nobilevel" else int(m.steps), lr=float(m.lr),
+            gate="keyonly" if method == "metake_keyonly" else str(m.gate),
+            stop_grad=True if method == "metake_stopgrad" else bool(m.stop_grad),
+            edit_weight=float(w.get("edit", 1.0)), loc_weight=float(w.get("loc", 1.0)),
+            anchor_weight=float(w.get("anchor", 1.0)))
+    try:
+        return EditConfig(layers=tuple(int(l) for l in c.layers), stage1=stage1, editor=editor, metake=metake)
+    except ValueError as e:
+        raise RunError(f"config.layers: {e}") from e
+
+
+def model_id_for(spec: str, cfg: ModelConfig, seed: int, dtype: str) -> str:
+    """A stable id of the model for the statistics cache key."""
+    s = str(spec)
+    if s.startswith("random:"):
+        base = f"{s.replace(':', '-')}-seed{seed}"
+    elif s.lower() in ("smollm2", "embedded"):
+        base = cfg.name if cfg.name != "model" else "smollm2-135m-instruct"
+    else:
+        p = Path(s).expanduser()
+        base = p.stem if p.suffix == ".gguf" else (p.name if p.exists() else s.replace("/", "_"))
+        if p.exists():
+            base += "-" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]
+    return base if dtype == "float32" else f"{base}-{dtype}"
+
+
+def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0) -> tuple[ModelConfig, Any, Any]:
+    """(cfg, params, tokenizer) for any model spec of ``configs/base.py`` (incl. ``random:...``)."""
+    if str(spec).startswith("random:"):
+        from metake_jax.random_model import random_model
+
+        try:
+            return random_model(str(spec), seed=seed, dtype=dtype)
+        except ValueError as e:
+            raise RunError(f"config.model={spec!r}: {e}") from e
+    from models.convert import load_model
+
+    cfg, params, tok = load_model(str(spec), dtype=dtype)
+    if tok is None:
+        raise RunError(f"config.model={spec!r}: no tokenizer found beside the checkpoint "
+                       "(editing needs one: save it with tokenizer.save_pretrained into the model dir)")
+    return cfg, params, tok
+
+
+def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
+    """The selected cases of ``config.data`` (validated against the tokenizer), in file order."""
+    from metake_jax.data.loaders import load_cases, load_demo
+
+    d = c.data
+    n, seed = _get(c, "data.n"), _get(c, "data.seed")
+    if d.path in ("demo", "", None):
+        cases = load_demo(n=n, seed=seed, tokenizer=tokenizer)
+    else:
+        cases = load_cases(os.path.expanduser(d.path), d.format, n=n, seed=seed, tokenizer=tokenizer)
+    if not cases:
+        raise RunError(f"config.data: no cases selected from {d.path!r}")
+    kinds = {x.kind for x in cases}
+    if len(kinds) != 1:
+        raise RunError(f"config.data: mixed case kinds {sorted(kinds)} in {d.path!r}")
+    return cases
+
+
+def _validate_templates(t: Any, where: str) -> list[list[str]]:
+    if (not isinstance(t, list) or not all(isinstance(g, list) and all(isinstance(s, str) for s in g) for g in t)
+            or not any("{}" == s for g in t for s in g)):
+        raise RunError(f"{where}: context templates must be a JSON list of lists of strings including \"{{}}\"")
+    for g in t:
+        for s in g:
+            if s.count("{}") != 1:
+                raise RunError(f"{where}: template {s!r} must contain '{{}}' exactly once")
+    return t
+
+
+def get_templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
+                  model_id: str) -> list[list[str]]:
+    """Context templates (METHOD.md §2): ``templates.file`` if given, else sampled once (seeded) and
+    cached in ``run_dir/templates.json``."""
+    f = _get(c, "templates.file", "")
+    if f:
+        p = Path(f).expanduser()
+        if not p.is_file():
+            raise RunError(f"config.templates.file: {p} not found")
+        return _validate_templates(json.loads(p.read_text()), str(p))
+    key = {"model_id": model_id, "seed": int(c.templates.seed), "n_per_prompt": int(c.templates.n_per_prompt),
+           "length": int(c.templates.length)}
+    cache = run_dir / "templates.json"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return _validate_templates(stored["templates"], str(cache))
+        log.info("templates cache %s has another key; sampling again", cache)
+    from models.generate import context_templates
+
+    t = context_templates(cfg, params, tokenizer, seed=key["seed"], n_per_prompt=key["n_per_prompt"],
+                          length=key["length"])
+    t = [list(g) for g in t]
+    cache.write_text(json.dumps({"key": key, "templates": t}, indent=1))
+    return t
+
+
+def stats_cache_dir(c: Any) -> Path:
+    """``stats.cache_dir``, or ``$METAKE_CACHE/stats`` (default ``~/.cache/metake-jax/stats``)."""
+    d = _get(c, "stats.cache_dir", "")
+    if d:
+        return Path(str(d)).expanduser()
+    return Path(os.environ.get("METAKE_CACHE") or "~/.cache/metake-jax").expanduser() / "stats"
+
+
+def layer_statistics(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str) -> jax.Array:
+    """C0 (m, d_k, d_k) of the edited layers, cached (``metake_jax.stats.layer_stats``)."""
+    from metake_jax.stats import CorpusSpec, layer_stats
+
+    s = c.stats
+    spec = CorpusSpec(kind=str(s.kind), name=str(s.name), config=_get(c, "stats.config"), split=str(s.split),
+                      paths=tuple(str(Path(p).expanduser()) for p in (s.paths or ())), seed=int(s.seed))
+    return layer_stats(cfg, params, tokenizer, tuple(int(l) for l in c.layers), spec,
+                       n_samples=int(s.n_samples), max_len=int(s.max_len),
+                       cache_dir=stats_cache_dir(c), model_id=model_id,
+                       token_budget=int(_get(c, "stats.token_budget", 8192)))
+
+
+def _fingerprint(c: Any) -> dict[str, Any]:
+    """The config fields that determine the edited weights (must match on resume)."""
+    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    keep = ("model", "dtype", "data", "method", "batch_size", "layers", "stage1", "editor", "metake", "stats",
+            "templates", "seed")
+    return json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: checkpoint {b!r} vs config {a!r}"]
+
+
+# ============================================================================ evaluation
+
+
+def _peak_memory() -> dict[str, float | None]:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    dev = None
+    try:
+        st = jax.devices()[0].memory_stats()
+        if st and "peak_bytes_in_use" in st:
+            dev = st["peak_bytes_in_use"] / 2**20
+    except Exception:  # noqa: BLE001 - not every backend has memory stats
+        dev = None
+    return {"peak_rss_mb": round(rss_mb, 1), "device_peak_mb": None if dev is None else round(dev, 1)}
+
+
+def evaluate_cases(c: Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: Any, cases: Sequence[Case], *,
+                   pre_argmax: list | None = None, fluency: bool = False, seed: int = 0) -> dict[str, Any]:
+    """CounterFact or ZsRE metrics of ``cases`` on ``params`` (METHOD.md §8)."""
+    from metake_jax.evaluate import evaluate_counterfact, evaluate_zsre
+
+    bs = int(_get(c, "eval.batch_size", 32))
+    if kind == "zsre":
+        return evaluate_zsre(cfg, params, tokenizer, cases, batch_size=bs, pre_edit_argmax=pre_argmax)
+    out = evaluate_counterfact(cfg, params, tokenizer, cases, batch_size=bs)
+    if fluency:
+        n = int(_get(c, "eval.fluency_cases", 0)) or len(cases)
+        ref = _get(c, "eval.reference_stats", "") or None
+        fl = evaluate_counterfact(cfg, params, tokenizer, list(cases)[:n], batch_size=bs, fluency=True,
+                                  generation_seed=seed, max_out_len=int(c.eval.max_out_len), reference_stats=ref)
+        out["summary"]["fluency"] = fl["summary"].get("fluency")
+        out["summary"]["consistency"] = fl["summary"].get("consistency")
+        out["summary"]["fluency_n_cases"] = n
+        out["notes"].update({k: v for k, v in fl["notes"].items()})
+        gens = {m["case_id"]: m.get("generations") for m in fl["per_case"]}
+        flu = {m["case_id"]: m.get("fluency") for m in fl["per_case"]}
+        for m in out["per_case"]:
+            if m["case_id"] in gens:
+                m["fluency"], m["generations"] = flu[m["case_id"]], gens[m["case_id"]]
+    return out
+
+
+def _glue_enabled(c: Any) -> bool:
+    every = int(_get(c, "eval.glue_every", -1))
+    d = _get(c, "eval.glue_dir", "")
+    if every < 0:
+        return False
+    if not d or not Path(d).expanduser().is_dir():
+        log.warning("GLUE evaluation skipped: directory %r not found (config.eval.glue_dir)", d)
+        return False
+    return True
+
+
+def _glue(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any) -> dict[str, Any]:
+    from metake_jax.evaluate import evaluate_glue
+
+    e = c.eval
+    return evaluate_glue(cfg, params, tokenizer, data_dir=Path(e.glue_dir).expanduser(),
+                         tasks=tuple(e.glue_tasks), n=int(e.glue_n), batch_size=int(e.batch_size),
+                         generation=bool(e.glue_generation))
+
+
+def _glue_summary(res: dict[str, Any] | None) -> dict[str, Any]:
+    if not res:
+        return {}
+    keys = ("accuracy_new", "f1_new", "mcc_new", "accuracy", "f1", "mcc", "invalid")
+    return {t: {k: r[k] for k in keys if k in r} for t, r in res["tasks"].items()}
+
+
+def _batch_summary(kind: str, ev: dict[str, Any]) -> dict[str, Any]:
+    s = ev["summary"]
+    keys = ("efficacy", "generalization", "specificity", "score") if kind == "counterfact" else (
+        "efficacy", "generalization", "specificity")
+    return {k: s.get(k) for k in keys}
+
+
+# ============================================================================ the run
+
+
+def _set_edited_kernels(params: Any, layers: Sequence[int], kernels: Any) -> Any:
+    """A copy of ``params`` whose fc_out kernels at ``layers`` are ``kernels`` (m, d_k, d)."""
+    k = params["layers"]["mlp"]["fc_out"]["kernel"]
+    if tuple(kernels.shape) != (len(layers), *k.shape[1:]):
+        raise RunError(f"checkpoint kernels have shape {tuple(kernels.shape)}, expected "
+                       f"{(len(layers), *k.shape[1:])} (another model?)")
+    newk = k.at[jnp.asarray(layers)].set(jnp.asarray(kernels, k.dtype))
+    fc_out = {**params["layers"]["mlp"]["fc_out"], "kernel": newk}
+    mlp = {**params["layers"]["mlp"], "fc_out": fc_out}
+    return {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
+def _edited_kernels(params: Any, layers: Sequence[int]) -> np.ndarray:
+    return np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"][jnp.asarray(layers)])
+
+
+def _progress(c: Any, total: int, initial: int, desc: str):
+    if not bool(_get(c, "progress", True)):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", dynamic_ncols=True)
+
+
+def _json_dump(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
+    """Run the sequential protocol for config ``c``; returns the results dict (also results.json)."""
+    hooks = hooks or RunHooks()
+    t_start = time.perf_counter()
+    run_dir = Path(str(c.run_dir)).expanduser().absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ecfg = edit_config(c)
+    layers = ecfg.layers
+    seed = int(_get(c, "seed", 0))
+    wall: dict[str, float] = {}
+
+    # -- model, cases, templates, statistics
+    t = time.perf_counter()
+    cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=seed)
+    if max(layers) >= cfg.n_layers:
+        raise RunError(f"config.layers={layers}: the model has {cfg.n_layers} layers")
+    model_id = _get(c, "model_id") or model_id_for(c.model, cfg, seed, str(c.dtype))
+    wall["load_model"] = time.perf_counter() - t
+    log.info("model %s (%s, %d layers, d=%d, d_k=%d)", c.model, cfg.family, cfg.n_layers, cfg.d_model, cfg.d_ff)
+
+    cases = load_run_cases(c, tok)
+    kind = cases[0].kind
+    ids = [x.case_id for x in cases]
+    bs = int(c.batch_size)
+    if bs < 1:
+        raise RunError(f"config.batch_size must be >= 1, got {bs}")
+    batches = [cases[i:i + bs] for i in range(0, len(cases), bs)]
+    log.info("%d %s cases in %d batches of <= %d; method %s", len(cases), kind, len(batches), bs, c.method)
+
+    t = time.perf_counter()
+    templates = get_templates(c, cfg, params, tok, run_dir, model_id)
+    wall["templates"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    C0 = layer_statistics(c, cfg, params, tok, model_id)
+    P, ranks = None, None
+    if ecfg.editor.method == "alphaedit":
+        from metake_jax.projector import projectors_for_layers
+
+        energy = _get(c, "editor.energy")
+        P, ranks = projectors_for_layers(C0, threshold=float(c.editor.nullspace_threshold),
+                                         energy=None if energy is None else float(energy), layers=layers)
+        ranks = [int(r) for r in ranks]
+        log.info("null-space projector ranks %s of d_k=%d", ranks, cfg.d_ff)
+    wall["statistics"] = time.perf_counter() - t
+    state = init_state(params, cfg, layers, P=P, C0=C0 if ecfg.editor.method == "memit" else None)
+    del C0
+
+    # -- pre-edit evaluation and GLUE on the base model (cached in run_dir: resume does not redo them)
+    pre_path, glue_base_path = run_dir / "eval_pre.json", run_dir / "glue" / "base.json"
+    pre_argmax = None
+    t = time.perf_counter()
+    if kind == "zsre" and (bool(_get(c, "eval.final", True)) or bool(_get(c, "eval.batch", True))):
+        from metake_jax.evaluate import neighborhood_argmax
+
+        pre_argmax = neighborhood_argmax(cfg, params, tok, cases, batch_size=int(c.eval.batch_size))
+    pre = None
+    if bool(_get(c, "eval.pre", True)):
+        if pre_path.is_file() and json.loads(pre_path.read_text()).get("case_ids") == ids:
+            pre = json.loads(pre_path.read_text())["summary"]
+        else:
+            ev = evaluate_cases(c, kind, cfg, params, tok, cases, pre_argmax=pre_argmax,
+                                fluency=bool(_get(c, "eval.fluency", False)), seed=seed)
+            pre = ev["summary"]
+            _json_dump(pre_path, {"case_ids": ids, **ev})
+    glue_on = _glue_enabled(c)
+    if glue_on and not glue_base_path.is_file():
+        glue_base_path.parent.mkdir(exist_ok=True)
+        _json_dump(glue_base_path, _glue(c, cfg, params, tok))
+    wall["pre_eval"] = time.perf_counter() - t
+
+    # -- checkpoint: fresh or resume
+    ckdir = run_dir / "checkpoints"
+    fp = _fingerprint(c)
+    if not bool(_get(c, "resume", False)) and ckdir.exists():
+        log.info("resume=False: removing old checkpoints in %s", ckdir)
+        shutil.rmtree(ckdir)
+    ckpt = RunCheckpointer(ckdir, keep=int(_get(c, "keep_checkpoints", 2)))
+    key = jax.random.PRNGKey(seed)
+    batch_log: list[dict[str, Any]] = []
+    glue_log: list[dict[str, Any]] = []
+    if glue_on:
+        glue_log.append({"batches": 0, "n_edits": 0, "tasks": _glue_summary(json.loads(glue_base_path.read_text()))})
+    start = 0
+    if bool(_get(c, "resume", False)):
+        step = ckpt.latest()
+        if step is None:
+            log.warning("resume=True but no checkpoint in %s: starting from the base model", ckdir)
+        else:
+            arrays, meta = ckpt.restore(step)
+            bad = _diff(fp, meta.get("fingerprint", {}))
+            if bad:
+                raise RunError("cannot resume from " + str(ckdir / str(step)) + ": the config differs from "
+                               "the checkpointed run in " + "; ".join(bad[:6]))
+            n_done = int(meta["n_done"])
+            if meta["case_ids_done"] != ids[:n_done] or step != meta["batches_done"]:
+                raise RunError(f"cannot resume from {ckdir / str(step)}: its edited case ids do not match "
+                               "the selected cases")
+            state = EditState(params=_set_edited_kernels(state.params, layers, arrays["kernels"]),
+                              stats=state.stats._replace(Cp=jnp.asarray(arrays["Cp"])), n_edits=n_done)
+            key = jnp.asarray(arrays["rng"], jnp.uint32)  # legacy uint32 PRNGKey data
+            batch_log, glue_log, start = list(meta["batch_log"]), list(meta["glue_log"]), int(step)
+            log.info("resumed from checkpoint %d (%d cases edited)", step, n_done)
+
+    # -- the sequential edit loop
+    bar = _progress(c, len(batches), start, f"{c.method} edits")
+    every = int(_get(c, "eval.glue_every", -1))
+    for b in range(start, len(batches)):
+        reqs = [x.request for x in batches[b]]
+        bids = [x.case_id for x in batches[b]]
+        key, sub = jax.random.split(key)
+        try:
+            new_state, report = edit_batch(cfg, state, tok, reqs, templates, ecfg)
+        except (EditError, RequestError) as e:
+            if bar is not None:
+                bar.close()
+            raise RunError(f"batch {b + 1}/{len(batches)} (case ids {bids}) failed: {e}. Nothing of this batch "
+                           f"was written; the run state after {b} batch(es) is in {ckdir} "
+                           f"(fix the cause and rerun with --config.resume=True)") from e
+        state = new_state
+        entry: dict[str, Any] = {"batch": b + 1, "case_ids": bids, "n_edits": state.n_edits, **report.summary()}
+        t = time.perf_counter()
+        if bool(_get(c, "eval.batch", True)):
+            sub_arg = None if pre_argmax is None else pre_argmax[b * bs:b * bs + len(bids)]
+            entry["eval"] = _batch_summary(kind, evaluate_cases(c, kind, cfg, state.params, tok, batches[b],
+                                                                pre_argmax=sub_arg))
+        if glue_on and every > 0 and (b + 1) % every == 0:
+            res = _glue(c, cfg, state.params, tok)
+            _json_dump(run_dir / "glue" / f"after_batch{b + 1}.json", res)
+            glue_log.append({"batches": b + 1, "n_edits": state.n_edits, "tasks": _glue_summary(res)})
+        entry["timings"]["eval"] = round(time.perf_counter() - t, 4)
+        entry.update(_peak_memory())
+        batch_log.append(entry)
+        t = time.perf_counter()
+        ckpt.save(b + 1, {"kernels": _edited_kernels(state.params, layers), "Cp": np.asarray(state.stats.Cp),
+                          "rng": np.asarray(key)},
+                  {"batches_done": b + 1, "n_done": state.n_edits, "case_ids_done": ids[:b * bs + len(bids)],
+                   "batch_log": batch_log, "glue_log": glue_log, "fingerprint": fp, "model_id": model_id,
+                   "config": json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else {}})
+        entry["timings"]["checkpoint"] = round(time.perf_counter() - t, 4)
+        if bar is not None:
+            post = {"edits": state.n_edits, "s/batch": f"{report.timings['total']:.1f}"}
+            if "eval" in entry and entry["eval"].get("efficacy") is not None:
+                post["eff"] = f"{entry['eval']['efficacy']:.0f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        else:
+            log.info("batch %d/%d: %d edits, %.1fs", b + 1, len(batches), state.n_edits, report.timings["total"])
+        if hooks.after_checkpoint is not None:
+            hooks.after_checkpoint(b + 1, state)
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+
+    # -- final evaluation, results
+    t = time.perf_counter()
+    post = None
+    if bool(_get(c, "eval.final", True)):
+        ev = evaluate_cases(c, kind, cfg, state.params, tok, cases, pre_argmax=pre_argmax,
+                            fluency=bool(_get(c, "eval.fluency", False)), seed=seed)
+        post = ev["summary"]
+        _json_dump(run_dir / "eval_post.json", {"case_ids": ids, **ev})
+    if glue_on and (not glue_log or glue_log[-1]["batches"] != len(batches)):
+        res = _glue(c, cfg, state.params, tok)
+        _json_dump(run_dir / "glue" / "final.json", res)
+        glue_log.append({"batches": len(batches), "n_edits": state.n_edits, "tasks": _glue_summary(res)})
+    wall["final_eval"] = time.perf_counter() - t
+
+    if _get(c, "export_hf", ""):
+        from models.convert import export_hf
+
+        t = time.perf_counter()
+        out = export_hf(Path(str(c.export_hf)).expanduser(), cfg, state.params, tok)
+        wall["export_hf"] = time.perf_counter() - t
+        log.info("edited model exported to %s", out)
+
+    wall["total"] = time.perf_counter() - t_start
+    results = {
+        "method": c.method, "model": str(c.model), "model_id": model_id, "kind": kind,
+        "n_cases": len(cases), "batch_size": bs, "n_batches": len(batches), "layers": list(layers),
+        "resumed_from_batch": start if bool(_get(c, "resume", False)) else None,
+        "projector_ranks": ranks, "pre": pre, "post": post, "batches": batch_log, "glue": glue_log,
+        "wall_s": {k: round(v, 2) for k, v in wall.items()}, "memory": _peak_memory(),
+        "device": str(jax.devices()[0]), "config": json.loads(c.to_json_best_effort())
+        if hasattr(c, "to_json_best_effort") else None,
+    }
+    _json_dump(run_dir / "results.json", results)
+    with open(run_dir / "edit_log.jsonl", "w") as f:
+        for e in batch_log:
+            f.write(json.dumps({"batch": e["batch"], "case_ids": e["case_ids"], "n_edits": e["n_edits"]},
+                               default=_json_default) + "\n")
+    from metake_jax.report import write_plots, write_results_md
+
+    write_results_md(run_dir / "results.md", results)
+    try:
+        write_plots(run_dir / "plots", results)
+    except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose a finished run over them
+        log.warning("plots not written: %s", e)
+    return results
