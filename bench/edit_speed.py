@@ -47,7 +47,7 @@ FLAGS = flags.FLAGS
 RANDOM_SHAPES = {"gpt2-xl": ("gpt2", "gpt2-xl"), "EleutherAI/gpt-j-6B": ("gptj", "gpt-j-6b"),
                  "meta-llama/Meta-Llama-3-8B-Instruct": ("llama", "llama3-8b"), "smollm2": ("llama", "smollm2-135m"),
                  "Qwen/Qwen3-8B": ("qwen3", "llama3-8b")}
-STAGES = ("prepare", "stage1", "lookahead", "write", "cache", "eval", "total")
+STAGES = ("prepare", "stage1", "lookahead", "write", "cache", "eval", "total")  # total = edit_batch total (eval excluded)
 
 
 class WordTokenizer:

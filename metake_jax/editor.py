@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from functools import partial
 from typing import Any, NamedTuple, Sequence
 
 import jax

@@ -22,7 +22,7 @@ from metake_jax.metake import MetaKEConfig, meta_loss, prepare_lookahead, virtua
 from metake_jax.targets import edit_and_loc_losses, gather_positions, lower_hidden
 from metake_jax.write import EditorConfig, LayerStats, multilayer_write
 from models.config import ModelConfig
-from models.interface import WDeltas, forward, head, make_context
+from models.interface import WDeltas, forward, head
 
 Array = jax.Array
 

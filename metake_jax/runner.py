@@ -405,6 +405,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
         ranks = [int(r) for r in ranks]
         log.info("null-space projector ranks %s of d_k=%d", ranks, cfg.d_ff)
     wall["statistics"] = time.perf_counter() - t
+    log.info("templates %.1fs, statistics + projectors %.1fs", wall["templates"], wall["statistics"])
     state = init_state(params, cfg, layers, P=P, C0=C0 if ecfg.editor.method == "memit" else None)
     del C0
 
@@ -430,6 +431,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
         glue_base_path.parent.mkdir(exist_ok=True)
         _json_dump(glue_base_path, _glue(c, cfg, params, tok))
     wall["pre_eval"] = time.perf_counter() - t
+    log.info("pre-edit evaluation%s: %.1fs", " + GLUE" if glue_on else "", wall["pre_eval"])
 
     # -- checkpoint: fresh or resume
     ckdir = run_dir / "checkpoints"

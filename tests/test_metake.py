@@ -132,3 +132,30 @@ def test_refinement_lowers_meta_loss_and_ablations_differ(setup):
             assert (curve[-1] <= curve[0] + 1e-6).all(), name
     assert _rel(outs["metake"].Z, outs["keyonly"].Z) > 1e-7
     assert _rel(outs["metake"].Z, outs["stopgrad"].Z) > 1e-7
+
+
+def test_bare_prompt_lookahead_scores_the_bare_and_kl_rows(setup):
+    """select_rows keeps exactly the bare + KL rows: the virtual losses equal the full batch's
+    losses re-weighted onto those rows (an identity of the batching, METHOD.md §6)."""
+    from metake_jax.batch import rows_per_request, select_rows
+    from metake_jax.metake import prepare_lookahead, virtual_losses
+
+    tok, cfg, params, b, Z0 = setup
+    st = _stats(cfg.d_ff, 2)
+    per = rows_per_request(b)
+    bare = int(np.asarray(b.bare_row)[0])
+    hb = EditBatch(*[np.asarray(x) for x in b])
+    sub = EditBatch(*map(jnp.asarray, select_rows(hb, (bare, per - 1))))
+    assert sub.tokens.shape[0] == 2 * b.valid.shape[0]
+    mc = MetaKEConfig()
+    ctx_full = prepare_lookahead(cfg, params, b, LAYERS, st, ECFG, mc)
+    ctx_sub = prepare_lookahead(cfg, params, b, LAYERS, st, ECFG, mc, sub)
+    np.testing.assert_array_equal(np.asarray(ctx_full.G), np.asarray(ctx_sub.G))
+    Z = Z0 + 0.01
+    e_sub, l_sub = virtual_losses(cfg, params, sub, LAYERS[-1], ctx_sub, Z, mc)
+    onehot = np.zeros_like(hb.nll_avg)
+    onehot[np.arange(onehot.shape[0]), np.asarray(hb.bare_row)] = 1.0
+    full_bare = b._replace(nll_avg=jnp.asarray(onehot))
+    e_full, l_full = virtual_losses(cfg, params, full_bare, LAYERS[-1], ctx_full, Z, mc)
+    np.testing.assert_allclose(np.asarray(e_sub)[:2], np.asarray(e_full)[:2], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(l_sub)[:2], np.asarray(l_full)[:2], rtol=1e-4, atol=1e-7)

@@ -1,0 +1,146 @@
+"""MetaKE on SmolLM2: η grid on one batch, then the sequential method table (paper Table 2 style).
+
+    python bench/metake_smollm2.py grid  --n 20 --etas 0.05,0.2,0.5,1,2
+    python bench/metake_smollm2.py table --n 100 --batch 20 --eta 0.5 \
+        --methods alphaedit,metake,metake_keyonly,metake_stopgrad
+
+Data: the first n cases of ../shared/data/counterfact_easyedit/counterfact-edit.json when present,
+else the bundled demo set. ``metake_nobilevel`` (T = 0) is AlphaEdit exactly (tests prove the weights
+are identical), so the table reuses the AlphaEdit row for it.
+Prints figures and writes a JSON next to the run dir; copy the tables into bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import smollm2_cf  # noqa: E402
+from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
+from metake_jax.editor import edit_batch, look_rows, write_targets  # noqa: E402
+from metake_jax.evaluate.counterfact import evaluate_counterfact  # noqa: E402
+from metake_jax.experiment import prepare  # noqa: E402
+from metake_jax.metake import MetaKEConfig, refine_targets  # noqa: E402
+from metake_jax.targets import optimize_targets  # noqa: E402
+from metake_jax.write import EditorConfig  # noqa: E402
+
+CF = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-edit.json"
+
+VARIANTS = {
+    "metake": dict(),
+    "metake_keyonly": dict(gate="keyonly"),
+    "metake_stopgrad": dict(stop_grad=True),
+}
+
+
+def config(n: int, batch: int):
+    c = smollm2_cf.get_config()
+    if CF.is_file():
+        c.data.path = str(CF)
+        c.data.format = "flat"
+    c.data.n = n
+    c.batch_size = batch
+    c.run_dir = "runs/bench_metake_smollm2"
+    return c
+
+
+def metrics(s, params, cases) -> dict:
+    ev = evaluate_counterfact(s.cfg, params, s.tokenizer, cases, batch_size=64)["summary"]
+    return {k: ev.get(k) for k in ("efficacy", "generalization", "specificity", "score")}
+
+
+def grid(a) -> None:
+    s = prepare(config(a.n, a.n))
+    cases = s.cases[: a.n]
+    reqs = [x.request for x in cases]
+    hb, n = prepare_batch(s.tokenizer, reqs, s.templates)
+    b = EditBatch(*map(jnp.asarray, hb))
+    ec = s.edit_config
+    t = time.perf_counter()
+    Z0 = jax.block_until_ready(optimize_targets(s.cfg, s.params, b, s.layers[-1], ec.stage1).Z)
+    print(f"stage1 {time.perf_counter() - t:.1f}s", flush=True)
+    out = {"pre": metrics(s, s.params, cases)}
+    print("pre", out["pre"], flush=True)
+    state = s.state()
+    timings: dict = {}
+    st, _ = write_targets(s.cfg, state, b, Z0, dataclasses.replace(ec, metake=None), timings)
+    out["alphaedit"] = metrics(s, st.params, cases)
+    print("alphaedit", out["alphaedit"], timings, flush=True)
+    for prompts in a.prompts.split(","):
+        for eta in [float(e) for e in a.etas.split(",")]:
+            for name in a.variants.split(","):
+                mc = MetaKEConfig(steps=a.T, lr=eta, prompts=prompts, **VARIANTS[name])
+                lb = look_rows(hb, mc)
+                t = time.perf_counter()
+                r = jax.block_until_ready(refine_targets(s.cfg, s.params, b, Z0, s.layers, state.stats,
+                                                         ec.editor, mc, lb))
+                dt = time.perf_counter() - t
+                st, _ = write_targets(s.cfg, state, b, r.Z, dataclasses.replace(ec, metake=mc), {})
+                key = f"{name}:{prompts}:eta={eta}"
+                curve = np.asarray(r.losses)[:, :n].mean(1)
+                out[key] = {**metrics(s, st.params, cases), "lookahead_s": dt,
+                            "meta_loss_first": float(curve[0]), "meta_loss_last": float(curve[-1]),
+                            "dZ_rel": float(jnp.linalg.norm(r.Z - Z0) / jnp.linalg.norm(Z0))}
+                print(key, out[key], flush=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def table(a) -> None:
+    s = prepare(config(a.n, a.batch))
+    cases = s.cases[: a.n]
+    out = {"n": len(cases), "batch": a.batch, "eta": a.eta, "T": a.T, "prompts": a.prompts}
+    for method in a.methods.split(","):
+        ec = s.edit_config
+        if method == "alphaedit":
+            ec = dataclasses.replace(ec, metake=None, editor=EditorConfig(method="alphaedit", l2=ec.editor.l2))
+        else:
+            ec = dataclasses.replace(ec, metake=MetaKEConfig(steps=a.T, lr=a.eta, prompts=a.prompts,
+                                                             **VARIANTS[method]))
+        state = s.state()
+        times = []
+        for i in range(0, len(cases), a.batch):
+            chunk = [x.request for x in cases[i:i + a.batch]]
+            state, rep = edit_batch(s.cfg, state, s.tokenizer, chunk, s.templates, ec)
+            times.append(rep.timings)
+            print(method, i, {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
+        m = metrics(s, state.params, cases)
+        steady = times[1:] or times
+        out[method] = {**m, "batch_seconds": [t["total"] for t in times],
+                       "mean_batch_s_after_first": float(np.mean([t["total"] for t in steady])),
+                       "phases_after_first": {k: float(np.mean([t.get(k, 0.0) for t in steady]))
+                                              for k in ("stage1", "lookahead", "write", "cache")}}
+        print(method, out[method], flush=True)
+        Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["grid", "table"])
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--T", type=int, default=15)
+    ap.add_argument("--eta", type=float, default=0.5)
+    ap.add_argument("--etas", default="0.1,0.5,2.0")
+    ap.add_argument("--variants", default="metake")
+    ap.add_argument("--prompts", default="all")
+    ap.add_argument("--methods", default="alphaedit,metake,metake_keyonly,metake_stopgrad")
+    ap.add_argument("--out", default="/tmp/metake_smollm2.json")
+    a = ap.parse_args()
+    (grid if a.mode == "grid" else table)(a)
+
+
+if __name__ == "__main__":
+    main()

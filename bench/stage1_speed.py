@@ -1,0 +1,83 @@
+"""Stage I wall time on SmolLM2: n requests batched (one jitted computation) vs one at a time.
+
+    python bench/stage1_speed.py --ns 1,10,100 --singles 10
+
+For each n: compile+run once, then a timed second run (steady state). "One at a time" runs the
+first ``--singles`` requests separately (after their compile) and scales the mean to n.
+Requests: the bundled demo set, cycled to n; templates sampled once (seed 0).
+Also prints the statistics throughput (tokens/s) of one pass over a model-sampled corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs.smollm2_cf import SMOLLM2_TUNED  # noqa: E402
+from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
+from metake_jax.data.loaders import load_demo  # noqa: E402
+from metake_jax.targets import StageIConfig, optimize_targets  # noqa: E402
+from models.embedded import load_smollm2  # noqa: E402
+from models.generate import context_templates  # noqa: E402
+
+
+def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int]:
+    hb, n = prepare_batch(tok, reqs, tmpl)
+    b = EditBatch(*map(jnp.asarray, hb))
+    t = time.perf_counter()
+    jax.block_until_ready(optimize_targets(cfg, params, b, L, hp).Z)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    r = jax.block_until_ready(optimize_targets(cfg, params, b, L, hp))
+    return first, time.perf_counter() - t, int(np.asarray(r.steps_taken)[:n].max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ns", default="1,10,100")
+    ap.add_argument("--singles", type=int, default=10)
+    ap.add_argument("--stats_docs", type=int, default=32)
+    a = ap.parse_args()
+    cfg, params, tok = load_smollm2()
+    tmpl = context_templates(cfg, params, tok, seed=0)
+    demo = [c.request for c in load_demo()]
+    L = SMOLLM2_TUNED["layers"][-1]
+    hp = StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"])
+    print(f"device: {jax.devices()[0].device_kind}; layers {SMOLLM2_TUNED['layers']}; lr {hp.lr}; steps {hp.steps}")
+    single = []
+    for r in demo[: a.singles]:
+        single.append(run(cfg, params, tok, [r], tmpl, L, hp)[1])
+    per_req = float(np.mean(single))
+    print(f"one at a time: {per_req:.2f} s/request (mean of {len(single)}, steady state)")
+    print(f"{'n':>5} {'batched first (s)':>18} {'batched steady (s)':>19} {'max steps':>9} "
+          f"{'one-at-a-time (s)':>18} {'speed-up':>8}")
+    for n in [int(x) for x in a.ns.split(",")]:
+        reqs = [demo[i % len(demo)] for i in range(n)]
+        first, steady, steps = run(cfg, params, tok, reqs, tmpl, L, hp)
+        seq = per_req * n
+        print(f"{n:>5} {first:18.1f} {steady:19.1f} {steps:>9} {seq:18.1f} {seq / steady:8.2f}", flush=True)
+
+    from metake_jax.stats import accumulate_second_moment, corpus_from_model, make_batches, tokenize_corpus
+
+    texts = corpus_from_model(cfg, params, tok, a.stats_docs, 128, seed=1)
+    toks = tokenize_corpus(tok, texts, 128)
+    batches = list(make_batches(toks, max_len=128))
+    layers = tuple(SMOLLM2_TUNED["layers"])
+    accumulate_second_moment(cfg, params, batches, layers)  # compile
+    t = time.perf_counter()
+    _, count = accumulate_second_moment(cfg, params, batches, layers)
+    dt = time.perf_counter() - t
+    print(f"statistics: {count} tokens in {dt:.2f} s = {count / dt:.0f} tokens/s (layers {layers})")
+
+
+if __name__ == "__main__":
+    main()
