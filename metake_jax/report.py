@@ -116,10 +116,18 @@ def write_plots(directory: str | Path, results: dict[str, Any]) -> list[Path]:
             if any(ys):
                 ax.bar(xs, ys, bottom=bottom, label=s)
                 bottom = [a + b for a, b in zip(bottom, ys)]
+        if len(xs) <= 30:
+            ax.set_xticks(xs)
         ax.set_xlabel("batch")
         ax.set_ylabel("seconds")
-        ax.set_title("per-batch wall time by stage")
-        ax.legend(fontsize=8)
+        ax.set_title("per-batch wall time by stage (batch 1 includes compilation)")
+        ax.legend(fontsize=8, loc="upper left")
+        mem = [e.get("device_peak_mb") or e.get("peak_rss_mb") for e in batches]
+        if all(m is not None for m in mem):
+            ax2 = ax.twinx()
+            ax2.plot(xs, mem, color="black", marker="x", label="peak memory")
+            ax2.set_ylabel("peak MB (device, else process RSS)")
+            ax2.set_ylim(bottom=0)
         fig.tight_layout()
         out.append(d / "timings.png")
         fig.savefig(out[-1], dpi=100)

@@ -62,11 +62,11 @@ def subject_last_index(
     return n - 1
 
 
-def bucket(n: int, *, minimum: int = 8, multiple: int = 16) -> int:
+def bucket(n: int, *, minimum: int = 8, multiple: int = 8) -> int:
     """Static size bucket: powers of two below ``multiple``, then multiples of ``multiple``.
 
-    Coarse enough that a sequential stream reuses compiled shapes, fine enough that padding
-    wastes little compute (rows of 33 tokens pad to 48, not 64).
+    Coarse enough that a sequential stream reuses a few compiled shapes, fine enough that
+    padding wastes little compute (rows of 19 tokens pad to 24, not 32).
     """
     n = max(n, minimum)
     if n <= multiple:
