@@ -84,17 +84,22 @@ def grid(a) -> None:
     st, _ = write_targets(s.cfg, state, b, Z0, dataclasses.replace(ec, metake=None), timings)
     out["alphaedit"] = metrics(s, st.params, cases)
     print("alphaedit", out["alphaedit"], timings, flush=True)
-    for prompts in a.prompts.split(","):
-        for eta in [float(e) for e in a.etas.split(",")]:
+    combos = [(p, float(e), float(w)) for p in a.prompts.split(",") for e in a.etas.split(",")
+              for w in a.anchors.split(",")]
+    if a.pairs:  # explicit eta:anchor pairs
+        combos = [(a.prompts.split(",")[0], float(x.split(":")[0]), float(x.split(":")[1]))
+                  for x in a.pairs.split(",")]
+    for prompts, eta, anchor in combos:
+        if True:
             for name in a.variants.split(","):
-                mc = MetaKEConfig(steps=a.T, lr=eta, prompts=prompts, **VARIANTS[name])
+                mc = MetaKEConfig(steps=a.T, lr=eta, prompts=prompts, anchor_weight=anchor, **VARIANTS[name])
                 lb = look_rows(hb, mc)
                 t = time.perf_counter()
                 r = jax.block_until_ready(refine_targets(s.cfg, s.params, b, Z0, s.layers, state.stats,
                                                          ec.editor, mc, lb))
                 dt = time.perf_counter() - t
                 st, _ = write_targets(s.cfg, state, b, r.Z, dataclasses.replace(ec, metake=mc), {})
-                key = f"{name}:{prompts}:eta={eta}"
+                key = f"{name}:{prompts}:eta={eta}:anchor={anchor}"
                 curve = np.asarray(r.losses)[:, :n].mean(1)
                 out[key] = {**metrics(s, st.params, cases), "lookahead_s": dt,
                             "meta_loss_first": float(curve[0]), "meta_loss_last": float(curve[-1]),
@@ -106,14 +111,14 @@ def grid(a) -> None:
 def table(a) -> None:
     s = prepare(config(a.n, a.batch))
     cases = s.cases[: a.n]
-    out = {"n": len(cases), "batch": a.batch, "eta": a.eta, "T": a.T, "prompts": a.prompts}
+    out = {"n": len(cases), "batch": a.batch, "eta": a.eta, "T": a.T, "prompts": a.prompts, "anchor": a.anchor}
     for method in a.methods.split(","):
         ec = s.edit_config
         if method == "alphaedit":
             ec = dataclasses.replace(ec, metake=None, editor=EditorConfig(method="alphaedit", l2=ec.editor.l2))
         else:
             ec = dataclasses.replace(ec, metake=MetaKEConfig(steps=a.T, lr=a.eta, prompts=a.prompts,
-                                                             **VARIANTS[method]))
+                                                             anchor_weight=a.anchor, **VARIANTS[method]))
         state = s.state()
         times = []
         for i in range(0, len(cases), a.batch):
@@ -140,6 +145,9 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=0.5)
     ap.add_argument("--etas", default="0.1,0.5,2.0")
     ap.add_argument("--variants", default="metake")
+    ap.add_argument("--anchors", default="1.0")
+    ap.add_argument("--anchor", type=float, default=1.0)
+    ap.add_argument("--pairs", default="", help="explicit eta:anchor pairs, e.g. 0.5:1,10:0.01")
     ap.add_argument("--prompts", default="all")
     ap.add_argument("--methods", default="alphaedit,metake,metake_keyonly,metake_stopgrad")
     ap.add_argument("--out", default="/tmp/metake_smollm2.json")

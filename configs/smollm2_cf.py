@@ -34,7 +34,9 @@ def apply_smollm2(c):
 
 def get_config():
     c = apply_smollm2(base.get_config())
-    c.method = "metake"
+    # alphaedit by default: MetaKE's look-ahead adds ~60 % of Stage I per batch on CPU (bench/RESULTS.md);
+    # run MetaKE with --config.method=metake
+    c.method = "alphaedit"
     c.data.path = "demo"  # metake_jax/data/demo_counterfact.json (~50 project-written requests)
     c.data.format = "flat"
     c.batch_size = 10
