@@ -72,6 +72,7 @@ def get_config() -> ConfigDict:
     c.metake.gate = "structural"  # structural | keyonly (set by method=metake_keyonly)
     c.metake.stop_grad = False  # set by method=metake_stopgrad
     c.metake.weights = ConfigDict(dict(edit=1.0, loc=1.0, anchor=1.0))
+    c.metake.prompts = "all"  # all | bare: rows scoring the virtual model (bare + KL prompt: ~3.5x cheaper)
 
     # ---------------------------------------------------------------- layer statistics C0 (REFERENCE.md §3)
     c.stats = ConfigDict()
@@ -116,4 +117,45 @@ def get_config() -> ConfigDict:
     c.export_hf = ""  # if set, write the edited model there as an HF checkpoint
     c.seed = 0  # run RNG (random models, generations)
     c.progress = True  # tqdm progress bars
+    return c
+
+
+def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max_len: int,
+              mom2_update_weight: float) -> ConfigDict:
+    """A paper-model config with the reference hyper-parameters (REFERENCE.md §6: AE hparams
+    AlphaEdit + MEMIT; clamp 0.75, KL 0.0625, wd 0.5, L2 10, threshold 2e-2, 100k Wikipedia docs)."""
+    c = get_config()
+    c.model = model
+    c.layers = tuple(layers)
+    c.stage1.lr = lr  # v_lr
+    c.stage1.steps = steps  # v_num_grad_steps
+    c.stage1.clamp_norm_factor = 0.75
+    c.stage1.kl_factor = 0.0625
+    c.stage1.weight_decay = 0.5  # v_weight_decay
+    c.editor.l2 = 10.0  # AlphaEdit L2
+    c.editor.nullspace_threshold = 2e-2
+    c.editor.mom2_update_weight = mom2_update_weight  # MEMIT λ_C
+    c.stats.kind = "datasets"  # wikipedia 20200501.en, 100k docs, seed 1 (REFERENCE.md §3)
+    c.stats.n_samples = 100000
+    c.stats.max_len = max_len  # n_positions / max_position_embeddings
+    c.batch_size = 100  # sequential batches of 100 (METHOD.md §9)
+    c.eval.glue_every = 5
+    return c
+
+
+def counterfact(c: ConfigDict, name: str) -> ConfigDict:
+    """2000 CounterFact edits (flat split in ../shared/data) in batches of 100."""
+    c.data.path = data_path("counterfact_easyedit/counterfact-edit.json")
+    c.data.format = "flat"
+    c.data.n = 2000
+    c.run_dir = f"runs/{name}"
+    return c
+
+
+def zsre(c: ConfigDict, name: str) -> ConfigDict:
+    """ZsRE (MEND format; the 1k file in ../shared/data, or the 19k eval file via --config.data.path)."""
+    c.data.path = data_path("zsre_mend_train_1k.json")
+    c.data.format = "zsre"
+    c.data.n = 1000
+    c.run_dir = f"runs/{name}"
     return c

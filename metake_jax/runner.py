@@ -104,7 +104,7 @@ def edit_config(c: Any) -> EditConfig:
             gate="keyonly" if method == "metake_keyonly" else str(m.gate),
             stop_grad=True if method == "metake_stopgrad" else bool(m.stop_grad),
             edit_weight=float(w.get("edit", 1.0)), loc_weight=float(w.get("loc", 1.0)),
-            anchor_weight=float(w.get("anchor", 1.0)))
+            anchor_weight=float(w.get("anchor", 1.0)), prompts=str(_get(c, "metake.prompts", "all")))
     try:
         return EditConfig(layers=tuple(int(l) for l in c.layers), stage1=stage1, editor=editor, metake=metake)
     except ValueError as e:
@@ -474,7 +474,8 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
         bids = [x.case_id for x in batches[b]]
         key, sub = jax.random.split(key)
         try:
-            new_state, report = edit_batch(cfg, state, tok, reqs, templates, ecfg)
+            # every batch (the last, partial one too) is padded to the batch size: one compiled shape
+            new_state, report = edit_batch(cfg, state, tok, reqs, templates, ecfg, n_pad=bs)
         except (EditError, RequestError) as e:
             if bar is not None:
                 bar.close()
