@@ -95,49 +95,64 @@ class Diagnostics(NamedTuple):
 GRADIENTS = ("exact", "proxy", "keyonly", "none")
 
 
-@partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
+_STATIC = ("cfg", "layers", "ecfg", "mcfg")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, sg):
+    """∇_Z of the summed task loss after the full write; ``sg`` (m,) stops chosen layers' paths."""
+    ectx = prepare_exact(cfg, params, batch, layers)
+    f = lambda z: jnp.sum(exact_task_losses(cfg, params, batch, layers, stats, ecfg, ectx, z, sg, mcfg)  # noqa: E731
+                          * batch.valid)
+    return jax.grad(f)(Z)
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg):
+    """∇_Z of the summed task loss on the virtual model (downstream-mediated proxy, anchor excluded)."""
+    ctx = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, mcfg)
+
+    def f(z):
+        e, l = virtual_losses(cfg, params, batch, layers[-1], ctx, z, mcfg)
+        return jnp.sum((mcfg.edit_weight * e + mcfg.loc_weight * l) * batch.valid)
+
+    return jax.grad(f)(Z)
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _F_per(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg):
+    ectx = prepare_exact(cfg, params, batch, layers)
+    return exact_F(cfg, params, batch, layers, stats, ecfg, ectx, Z, Z0, mcfg)
+
+
 def diagnostics(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z: Array, Z0: Array, layers: tuple[int, ...],
     stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig, eta: float,
 ) -> Diagnostics:
-    """All §7 diagnostics at Z (usually the Stage I output, with Z0 = Z)."""
+    """All §7 diagnostics at Z (usually the Stage I output, with Z0 = Z).
+
+    Each gradient / evaluation is its own jitted computation so that peak memory is that of one
+    backward pass through the multi-layer write, not of all of them at once.
+    """
     m = len(layers)
-    L = layers[-1]
-    ectx = prepare_exact(cfg, params, batch, layers)
     valid = batch.valid
-
-    def F_per(z):
-        return exact_F(cfg, params, batch, layers, stats, ecfg, ectx, z, Z0, mcfg)
-
-    def task_sum(z, sg):
-        return jnp.sum(exact_task_losses(cfg, params, batch, layers, stats, ecfg, ectx, z, sg, mcfg) * valid)
-
-    anchor = lambda z: mcfg.anchor_weight * jnp.sum(jnp.square(z - Z0) * valid)  # noqa: E731
-    g_anchor = jax.grad(anchor)(Z)
-    g_task = jax.grad(task_sum)(Z, None)
-    g_exact = g_task + g_anchor
+    g_anchor = 2.0 * mcfg.anchor_weight * (Z - Z0) * valid
+    g_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, jnp.zeros((m,)))
     sg = jnp.concatenate([jnp.ones((m - 1,)), jnp.zeros((1,))])
-    g_final = jax.grad(task_sum)(Z, sg)
+    g_final = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, sg)
+    g_exact = g_task + g_anchor
     g_nonfinal = g_task - g_final
-
-    ctx = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, mcfg)
-    key_cfg = dataclasses.replace(mcfg, gate="keyonly")
-    ctx_key = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, key_cfg)
-
-    def proxy_task(z, c, mc):
-        e, l = virtual_losses(cfg, params, batch, L, c, z, mc)
-        return jnp.sum((mc.edit_weight * e + mc.loc_weight * l) * valid)
-
-    g_proxy_med = jax.grad(proxy_task)(Z, ctx, mcfg)
+    g_proxy_med = _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg)
     g_proxy = g_proxy_med + g_anchor
-    g_key = jax.grad(proxy_task)(Z, ctx_key, key_cfg) + g_anchor
+    key_cfg = dataclasses.replace(mcfg, gate="keyonly")
+    g_key = _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, key_cfg) + g_anchor
 
     nrm = lambda x: jnp.linalg.norm(x, axis=0)  # noqa: E731
     cos = jnp.sum(g_proxy * g_exact, 0) / jnp.maximum(nrm(g_proxy) * nrm(g_exact), 1e-30)
-    F0 = F_per(Z)
+    F0 = _F_per(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg)
     red = []
     for g in (g_exact, g_proxy, g_key, jnp.zeros_like(Z)):
-        F1 = F_per(Z - eta * g * valid)
+        F1 = _F_per(cfg, params, batch, Z - eta * g * valid, Z0, layers, stats, ecfg, mcfg)
         red.append((F0 - F1) / jnp.maximum(jnp.abs(F0), 1e-30) * 1e4)
     return Diagnostics(
         cos=cos, reduction_bp=jnp.stack(red), leakage=nrm(g_nonfinal) / jnp.maximum(nrm(g_final), 1e-30),
