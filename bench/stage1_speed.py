@@ -72,9 +72,9 @@ def main() -> None:
     toks = tokenize_corpus(tok, texts, 128)
     batches = list(make_batches(toks, max_len=128))
     layers = tuple(SMOLLM2_TUNED["layers"])
-    accumulate_second_moment(cfg, params, batches, layers)  # compile
+    jax.block_until_ready(accumulate_second_moment(cfg, params, batches, layers))  # compile
     t = time.perf_counter()
-    _, count = accumulate_second_moment(cfg, params, batches, layers)
+    sums, count = jax.block_until_ready(accumulate_second_moment(cfg, params, batches, layers))
     dt = time.perf_counter() - t
     print(f"statistics: {count} tokens in {dt:.2f} s = {count / dt:.0f} tokens/s (layers {layers})")
 
