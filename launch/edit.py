@@ -44,16 +44,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
-    import logging as pylogging
+    from launch._common import checked_config, setup_logging
 
-    pylogging.basicConfig(level=pylogging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    pylogging.getLogger().setLevel(pylogging.INFO)
-    pylogging.getLogger("absl").setLevel(pylogging.WARNING)  # orbax logs every save step at INFO
+    config = checked_config(argv, _CONFIG.value)
+    setup_logging()
     from metake_jax.report import metrics_table
     from metake_jax.runner import RunError, run
 

@@ -26,16 +26,10 @@ _PROJ = flags.DEFINE_bool("projector", True, "also compute the null-space projec
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    c = _CONFIG.value
-    if c is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
-    import logging as pylogging
+    from launch._common import checked_config, setup_logging
 
-    pylogging.basicConfig(level=pylogging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    pylogging.getLogger().setLevel(pylogging.INFO)
-    pylogging.getLogger("absl").setLevel(pylogging.WARNING)  # orbax logs every save step at INFO
+    c = checked_config(argv, _CONFIG.value)
+    setup_logging()
     import numpy as np
 
     from metake_jax.runner import _get, layer_statistics, load_model_spec, model_id_for, stats_cache_dir
