@@ -130,11 +130,11 @@ def main(argv):
         if str(c.model) not in RANDOM_SHAPES:
             raise app.UsageError(f"--random: no shape preset for model {c.model!r}; known {sorted(RANDOM_SHAPES)}")
         fam, size = RANDOM_SHAPES[str(c.model)]
-        cfg = random_config(fam, size, dtype=str(c.dtype))
+        cfg = random_config(fam, size, dtype=str(c.dtype)).replace(remat=bool(c.get("remat", False)))
         params = random_params(cfg, FLAGS.seed)
         model_desc = f"random {fam} with {size} shapes"
     else:
-        cfg, params, _ = load_model_spec(c.model, dtype=str(c.dtype), seed=FLAGS.seed)
+        cfg, params, _ = load_model_spec(c.model, dtype=str(c.dtype), seed=FLAGS.seed, remat=bool(c.get("remat", False)))
         model_desc = str(c.model)
     jax.block_until_ready(params)
     tok = WordTokenizer(cfg.vocab_size)
@@ -159,7 +159,9 @@ def main(argv):
                 tm["eval"] = time.perf_counter() - te
             rss, dev = _peak()
             rows.append((method, b + 1, tm, rss, dev))
-            print(f"  {method} batch {b + 1}: " + ", ".join(f"{k} {tm.get(k, 0):.2f}s" for k in STAGES), flush=True)
+            steps = int(np.max(rep.stage1_steps)) + 1  # loss/grad evaluations of the slowest request
+            print(f"  {method} batch {b + 1}: " + ", ".join(f"{k} {tm.get(k, 0):.2f}s" for k in STAGES)
+                  + f"; Stage I {steps} steps, {tm.get('stage1', 0) / steps:.3f} s/step", flush=True)
         del state
     head = "| method | batch | " + " | ".join(STAGES) + " | peak RSS (GiB) | peak device (GiB) |"
     print("\nPer-batch wall time (s); batch 1 includes compilation; peaks are process-wide maxima so far\n")

@@ -123,7 +123,7 @@ def table(a) -> None:
         times = []
         for i in range(0, len(cases), a.batch):
             chunk = [x.request for x in cases[i:i + a.batch]]
-            state, rep = edit_batch(s.cfg, state, s.tokenizer, chunk, s.templates, ec)
+            state, rep = edit_batch(s.cfg, state, s.tokenizer, chunk, s.templates, ec, n_pad=a.batch)
             times.append(rep.timings)
             print(method, i, {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
         m = metrics(s, state.params, cases)

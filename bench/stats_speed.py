@@ -53,7 +53,13 @@ def random_model(seed: int = 0):
     return cfg, params
 
 
-def load_model(random_weights: bool):
+def load_model(random_weights: bool, shape: str | None = None):
+    if shape:  # e.g. "gptj:gpt-j-6b" -- any metake_jax.random_model preset, built on device
+        from metake_jax.random_model import random_config, random_params
+
+        fam, size = shape.split(":")
+        cfg = random_config(fam, size)
+        return cfg, random_params(cfg, 0), f"random weights, {fam} {size} shape"
     if not random_weights:
         try:
             from models.embedded import load_smollm2
@@ -64,6 +70,14 @@ def load_model(random_weights: bool):
             print(f"load_smollm2 unavailable ({type(e).__name__}: {e}); using random weights")
     cfg, params = random_model()
     return cfg, params, "random weights, SmolLM2-135M shape"
+
+
+class _Lines(list):
+    """The figures, each printed as soon as it is measured (a killed run still shows what it had)."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
 
 
 def timed_pass(cfg, params, batches, layers):
@@ -80,16 +94,19 @@ def main() -> None:
     ap.add_argument("--n-docs", type=int, default=64)
     ap.add_argument("--token-budget", type=int, default=8192)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--shape", default=None, help="random model preset family:size, e.g. gptj:gpt-j-6b")
+    ap.add_argument("--n-req", type=int, default=100, help="requests in the timed closed-form solves")
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--machine", default="2-core CPU dev box")
     args = ap.parse_args()
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    cfg, params, label = load_model(args.random_weights)
+    cfg, params, label = load_model(args.random_weights, args.shape)
     layers = tuple(args.layers)
     rng = np.random.default_rng(0)
-    lines = [f"model: {label}; layers {layers}; d_k={cfg.d_key}; devices: {jax.device_count()} x "
-             f"{jax.devices()[0].platform}; token budget {args.token_budget}; max_len {args.max_len}"]
+    lines = _Lines()
+    lines.append(f"model: {label}; layers {layers}; d_k={cfg.d_key}; devices: {jax.device_count()} x "
+                 f"{jax.devices()[0].platform}; token budget {args.token_budget}; max_len {args.max_len}")
 
     # full-length documents: one bucket shape
     full = [rng.integers(0, cfg.vocab_size, size=args.max_len).tolist() for _ in range(args.n_docs)]
@@ -118,8 +135,8 @@ def main() -> None:
 
     # projector eigendecomposition at d_k
     d_k = cfg.d_key
-    A = rng.normal(size=(d_k, d_k)).astype(np.float32) / np.sqrt(d_k)
-    C0 = jnp.asarray(A @ A.T * 0.05)
+    A = jax.random.normal(jax.random.PRNGKey(0), (d_k, d_k), jnp.float32) / np.sqrt(d_k)
+    C0 = jax.block_until_ready(A @ A.T * 0.05)  # on device: d_k = 16384 is 4 TFLOP
     nullspace_projector(C0).block_until_ready()  # compile
     t0 = time.perf_counter()
     P = nullspace_projector(C0)
@@ -133,7 +150,7 @@ def main() -> None:
     lines.append(f"projectors_for_layers, {len(layers)} layers, d_k={d_k}: {time.perf_counter() - t0:.2f} s")
 
     # closed-form solves at d_k (n = 100 requests, d = d_model)
-    n_req = 100
+    n_req = args.n_req
     K = jnp.asarray(rng.normal(size=(d_k, n_req)).astype(np.float32))
     R = jnp.asarray(rng.normal(size=(cfg.d_model, n_req)).astype(np.float32))
     Cp = K @ K.T
@@ -146,8 +163,6 @@ def main() -> None:
         jax.block_until_ready(fn())
         lines.append(f"{name}, d_k={d_k}, n={n_req}: {time.perf_counter() - t0:.2f} s")
 
-    for ln in lines:
-        print(ln)
     if args.results is not None:
         write_section(args.results, args.machine, lines)
 

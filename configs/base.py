@@ -34,6 +34,7 @@ def get_config() -> ConfigDict:
     # "random:<family>[:<size>]" (random weights + built-in tokenizer; family gpt2|gptj|llama|qwen3).
     c.model = "smollm2"
     c.dtype = "float32"  # float32 | bfloat16 (param/compute dtype)
+    c.remat = False  # jax.checkpoint each block in backward passes (ModelConfig.remat): on for 6-8B models
     c.model_id = placeholder(str)  # id used in the statistics cache key (default: derived from model)
 
     # ---------------------------------------------------------------- requests
@@ -139,6 +140,7 @@ def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max
     c.stats.n_samples = 100000
     c.stats.max_len = max_len  # n_positions / max_position_embeddings
     c.batch_size = 100  # sequential batches of 100 (METHOD.md §9)
+    c.remat = True  # GPT-J at batch 100: Stage I needs 127 GiB without it (bench/RESULTS.md, GPU)
     c.eval.glue_every = 5
     return c
 

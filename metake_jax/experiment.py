@@ -47,7 +47,8 @@ class Setup:
 def prepare(c: Any, *, run_dir: str | Path | None = None) -> Setup:
     """Load everything a config describes (statistics and templates come from their caches)."""
     dtype = str(runner._get(c, "dtype", "float32"))
-    cfg, params, tok = runner.load_model_spec(str(c.model), dtype=dtype, seed=int(runner._get(c, "seed", 0)))
+    cfg, params, tok = runner.load_model_spec(str(c.model), dtype=dtype, seed=int(runner._get(c, "seed", 0)),
+                                              remat=bool(runner._get(c, "remat", False)))
     model_id = runner.model_id_for(str(c.model), cfg, int(runner._get(c, "seed", 0)), dtype)
     rd = Path(run_dir or c.run_dir).expanduser()
     rd.mkdir(parents=True, exist_ok=True)

@@ -126,18 +126,23 @@ def model_id_for(spec: str, cfg: ModelConfig, seed: int, dtype: str) -> str:
     return base if dtype == "float32" else f"{base}-{dtype}"
 
 
-def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0) -> tuple[ModelConfig, Any, Any]:
-    """(cfg, params, tokenizer) for any model spec of ``configs/base.py`` (incl. ``random:...``)."""
+def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0,
+                    remat: bool = False) -> tuple[ModelConfig, Any, Any]:
+    """(cfg, params, tokenizer) for any model spec of ``configs/base.py`` (incl. ``random:...``).
+
+    ``remat`` sets ``ModelConfig.remat`` (per-block rematerialization in backward passes)."""
     if str(spec).startswith("random:"):
         from metake_jax.random_model import random_model
 
         try:
-            return random_model(str(spec), seed=seed, dtype=dtype)
+            cfg, params, tok = random_model(str(spec), seed=seed, dtype=dtype)
         except ValueError as e:
             raise RunError(f"config.model={spec!r}: {e}") from e
+        return cfg.replace(remat=bool(remat)), params, tok
     from models.convert import load_model
 
     cfg, params, tok = load_model(str(spec), dtype=dtype)
+    cfg = cfg.replace(remat=bool(remat))
     if tok is None:
         raise RunError(f"config.model={spec!r}: no tokenizer found beside the checkpoint "
                        "(editing needs one: save it with tokenizer.save_pretrained into the model dir)")
@@ -373,7 +378,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
 
     # -- model, cases, templates, statistics
     t = time.perf_counter()
-    cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=seed)
+    cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=seed, remat=bool(_get(c, "remat", False)))
     if max(layers) >= cfg.n_layers:
         raise RunError(f"config.layers={layers}: the model has {cfg.n_layers} layers")
     model_id = _get(c, "model_id") or model_id_for(c.model, cfg, seed, str(c.dtype))

@@ -62,6 +62,11 @@ class ModelConfig:
     eos_token_id: int | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    # Rematerialize each block of a layer scan in backward passes (jax.checkpoint): the memory of
+    # Stage I / look-ahead / exact hypergradient drops from ~5 B×T×d_ff floats per layer to one
+    # B×T×d hidden state, for ~1/3 more compute.  Needed for 6-8B models at batch 100 (GPT-J:
+    # 127 GiB without it on an H200, bench/RESULTS.md); off for SmolLM2 on CPU.
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -123,7 +123,8 @@ def run_layers(
         out, _ = L.block(cfg, lp, x, ctx, delta)
         return out, None
 
-    h, _ = jax.lax.scan(body, h, jnp.arange(start, stop))
+    step = jax.checkpoint(body, prevent_cse=False) if cfg.remat else body
+    h, _ = jax.lax.scan(step, h, jnp.arange(start, stop))
     return h
 
 
