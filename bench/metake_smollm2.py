@@ -3,6 +3,7 @@
     python bench/metake_smollm2.py grid  --n 20 --etas 0.05,0.2,0.5,1,2
     python bench/metake_smollm2.py table --n 100 --batch 20 --eta 0.5 \
         --methods alphaedit,metake,metake_keyonly,metake_stopgrad
+    python bench/metake_smollm2.py table --n 100 --methods unedited   # the pre-edit reference row
 
 Data: the first n cases of ../shared/data/counterfact_easyedit/counterfact-edit.json when present,
 else the bundled demo set. ``metake_nobilevel`` (T = 0) is AlphaEdit exactly (tests prove the weights
@@ -59,7 +60,9 @@ def config(n: int, batch: int):
 
 def metrics(s, params, cases) -> dict:
     ev = evaluate_counterfact(s.cfg, params, s.tokenizer, cases, batch_size=64)["summary"]
-    return {k: ev.get(k) for k in ("efficacy", "generalization", "specificity", "score")}
+    keys = ("efficacy", "generalization", "specificity", "score",
+            "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
+    return {k: ev.get(k) for k in keys}
 
 
 def grid(a) -> None:
@@ -113,6 +116,11 @@ def table(a) -> None:
     cases = s.cases[: a.n]
     out = {"n": len(cases), "batch": a.batch, "eta": a.eta, "T": a.T, "prompts": a.prompts, "anchor": a.anchor}
     for method in a.methods.split(","):
+        if method == "unedited":  # the pre-edit model: the reference point of every metric
+            out[method] = metrics(s, s.params, cases)
+            print(method, out[method], flush=True)
+            Path(a.out).write_text(json.dumps(out, indent=1))
+            continue
         ec = s.edit_config
         if method == "alphaedit":
             ec = dataclasses.replace(ec, metake=None, editor=EditorConfig(method="alphaedit", l2=ec.editor.l2))
