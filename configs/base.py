@@ -145,19 +145,19 @@ def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max
     return c
 
 
-def counterfact(c: ConfigDict, name: str) -> ConfigDict:
-    """2000 CounterFact edits (flat split in ../shared/data) in batches of 100."""
-    c.data.path = data_path("counterfact_easyedit/counterfact-edit.json")
-    c.data.format = "flat"
-    c.data.n = 2000
+def _dataset(c: ConfigDict, name: str, path: str, fmt: str, n: int) -> ConfigDict:
+    c.data.path = data_path(path)
+    c.data.format = fmt
+    c.data.n = n
     c.run_dir = f"runs/{name}"
     return c
+
+
+def counterfact(c: ConfigDict, name: str) -> ConfigDict:
+    """2000 CounterFact edits (flat split in ../shared/data) in batches of 100."""
+    return _dataset(c, name, "counterfact_easyedit/counterfact-edit.json", "flat", 2000)
 
 
 def zsre(c: ConfigDict, name: str) -> ConfigDict:
     """ZsRE (MEND format; the 1k file in ../shared/data, or the 19k eval file via --config.data.path)."""
-    c.data.path = data_path("zsre_mend_train_1k.json")
-    c.data.format = "zsre"
-    c.data.n = 1000
-    c.run_dir = f"runs/{name}"
-    return c
+    return _dataset(c, name, "zsre_mend_train_1k.json", "zsre", 1000)
