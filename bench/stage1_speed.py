@@ -1,15 +1,19 @@
 """Stage I wall time on SmolLM2: n requests batched (one jitted computation) vs one at a time.
 
     python bench/stage1_speed.py --ns 1,10,100 --singles 10
+    python bench/stage1_speed.py --ns 20 --singles 0 --stats_docs 0 --row_groups 1,4   # row groups A/B
 
 For each n: compiled ahead of time, then one timed run (steady state; compile reported apart). "One at a time" runs the
 first ``--singles`` requests separately (after their compile) and scales the mean to n.
-Requests: the bundled demo set, cycled to n; templates sampled once (seed 0).
+Requests: the bundled demo set, cycled to n; templates sampled once (seed 0).  ``--row_groups``
+times each listed number of length-sorted row groups (``StageIConfig.row_groups``) and prints the
+fraction of computed tokens that are real (not padding).
 Also prints the statistics throughput (tokens/s) of one pass over a model-sampled corpus.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -25,22 +29,26 @@ import numpy as np  # noqa: E402
 from configs.smollm2_cf import SMOLLM2_TUNED  # noqa: E402
 from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
 from metake_jax.data.loaders import load_demo  # noqa: E402
-from metake_jax.targets import StageIConfig, optimize_targets  # noqa: E402
+from metake_jax.targets import StageIConfig, optimize_targets_grouped, row_groups  # noqa: E402
 from models.embedded import load_smollm2  # noqa: E402
 from models.generate import context_templates  # noqa: E402
 
 
-def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int]:
-    """(compile + run, run, max Stage I updates): compiled ahead of time, then executed once."""
+def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int, float]:
+    """(compile + run, run, max Stage I updates, real / computed tokens): AOT-compiled, run once."""
     hb, n = prepare_batch(tok, reqs, tmpl)
     b = EditBatch(*map(jnp.asarray, hb))
     t = time.perf_counter()
-    compiled = optimize_targets.lower(cfg, params, b, L, hp).compile()
+    order, widths = row_groups(hb, hp.row_groups)
+    sizes = [len(g) for g in np.array_split(order, len(widths))]
+    fill = float(hb.mask.sum()) / sum(s * w for s, w in zip(sizes, widths))
+    order = jnp.asarray(order)
+    compiled = optimize_targets_grouped.lower(cfg, params, b, order, L, hp, widths).compile()
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
-    r = jax.block_until_ready(compiled(params, b))
+    r = jax.block_until_ready(compiled(params, b, order))
     run_s = time.perf_counter() - t
-    return compile_s + run_s, run_s, int(np.asarray(r.steps_taken)[:n].max())
+    return compile_s + run_s, run_s, int(np.asarray(r.steps_taken)[:n].max()), fill
 
 
 def main() -> None:
@@ -48,25 +56,33 @@ def main() -> None:
     ap.add_argument("--ns", default="1,10,100")
     ap.add_argument("--singles", type=int, default=10)
     ap.add_argument("--stats_docs", type=int, default=32)
+    ap.add_argument("--row_groups", default=str(StageIConfig.row_groups),
+                    help="comma list of length-sorted row-group counts to time (1 = one padded width)")
     a = ap.parse_args()
     cfg, params, tok = load_smollm2()
     tmpl = context_templates(cfg, params, tok, seed=0)
     demo = [c.request for c in load_demo()]
     L = SMOLLM2_TUNED["layers"][-1]
-    hp = StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"])
-    print(f"device: {jax.devices()[0].device_kind}; layers {SMOLLM2_TUNED['layers']}; lr {hp.lr}; steps {hp.steps}")
+    groups = [int(x) for x in a.row_groups.split(",")]
+    hp = StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"], row_groups=groups[0])
+    print(f"device: {jax.devices()[0].device_kind}; "
+          f"layers {SMOLLM2_TUNED['layers']}; lr {hp.lr}; steps {hp.steps}")
     single = []
     for r in demo[: a.singles]:
         single.append(run(cfg, params, tok, [r], tmpl, L, hp)[1])
-    per_req = float(np.mean(single))
-    print(f"one at a time: {per_req:.2f} s/request (mean of {len(single)}, steady state)")
-    print(f"{'n':>5} {'batched first (s)':>18} {'batched steady (s)':>19} {'max steps':>9} "
-          f"{'one-at-a-time (s)':>18} {'speed-up':>8}")
+    per_req = float(np.mean(single)) if single else float("nan")
+    if single:
+        print(f"one at a time: {per_req:.2f} s/request (mean of {len(single)}, steady state)")
+    print(f"{'n':>5} {'groups':>6} {'real/computed':>13} {'batched first (s)':>18} {'batched steady (s)':>19} "
+          f"{'max steps':>9} {'one-at-a-time (s)':>18} {'speed-up':>8}")
     for n in [int(x) for x in a.ns.split(",")]:
         reqs = [demo[i % len(demo)] for i in range(n)]
-        first, steady, steps = run(cfg, params, tok, reqs, tmpl, L, hp)
-        seq = per_req * n
-        print(f"{n:>5} {first:18.1f} {steady:19.1f} {steps:>9} {seq:18.1f} {seq / steady:8.2f}", flush=True)
+        for g in groups:
+            first, steady, steps, fill = run(cfg, params, tok, reqs, tmpl, L,
+                                             dataclasses.replace(hp, row_groups=g))
+            seq = per_req * n
+            print(f"{n:>5} {g:>6} {fill:13.3f} {first:18.1f} {steady:19.1f} {steps:>9} {seq:18.1f} "
+                  f"{seq / steady:8.2f}", flush=True)
 
     if a.stats_docs <= 0:
         return

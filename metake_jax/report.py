@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["metrics_table", "write_plots", "write_results_md"]
+__all__ = ["compare_table", "metrics_table", "write_plots", "write_results_md"]
 
 _CF_ROWS = ("efficacy", "generalization", "specificity", "score", "fluency", "consistency",
             "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
@@ -28,6 +28,47 @@ def metrics_table(results: dict[str, Any]) -> str:
         if pre.get(r) is None and post.get(r) is None:
             continue
         lines.append(f"| {r} | {_fmt(pre.get(r))} | {_fmt(post.get(r))} |")
+    return "\n".join(lines)
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+def compare_table(runs: list[dict[str, Any]], *, names: list[str] | None = None) -> str:
+    """One markdown row per run (post-edit metrics ×100, pre-edit on a first row) — a method table.
+
+    Columns follow the benchmark (CounterFact: Eff / Gen / Spe / Score + magnitudes; ZsRE: Eff /
+    Gen / Spe) plus the median per-batch Stage I, look-ahead and total seconds after the first batch
+    (the first one includes compilation).  All runs must be on the same benchmark and cases.
+    """
+    if not runs:
+        raise ValueError("compare_table: no runs")
+    kinds = {r.get("kind") for r in runs}
+    if len(kinds) != 1:
+        raise ValueError(f"compare_table: runs mix benchmarks {sorted(map(str, kinds))}")
+    ncases = {r.get("n_cases") for r in runs}
+    if len(ncases) != 1:
+        raise ValueError(f"compare_table: runs have different numbers of cases {sorted(map(str, ncases))}")
+    rows = _ZSRE_ROWS[:3] if kinds == {"zsre"} else (
+        "efficacy", "generalization", "specificity", "score", "efficacy_magnitude",
+        "generalization_magnitude", "specificity_magnitude")
+    names = names or [r["method"] for r in runs]
+    head = ["method"] + list(rows) + ["stage1 s/batch", "look-ahead s/batch", "total s/batch"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    pre = runs[0].get("pre") or {}
+    if pre:
+        lines.append("| unedited | " + " | ".join(_fmt(pre.get(k)) for k in rows) + " | | | |")
+    for name, r in zip(names, runs):
+        post = r.get("post") or {}
+        later = [b.get("timings", {}) for b in r.get("batches", [])[1:]]
+        med = [_median([t[k] for t in later if t.get(k) is not None]) for k in ("stage1", "lookahead", "total")]
+        lines.append(f"| {name} | " + " | ".join(_fmt(post.get(k)) for k in rows) + " | "
+                     + " | ".join(_fmt(m) for m in med) + " |")
     return "\n".join(lines)
 
 

@@ -94,7 +94,8 @@ def edit_config(c: Any) -> EditConfig:
     s = c.stage1
     stage1 = StageIConfig(lr=float(s.lr), steps=int(s.steps), clamp_norm_factor=float(s.clamp_norm_factor),
                           kl_factor=float(s.kl_factor), weight_decay=float(s.weight_decay),
-                          early_stop=float(_get(c, "stage1.early_stop", 5e-2)))
+                          early_stop=float(_get(c, "stage1.early_stop", 5e-2)),
+                          row_groups=int(_get(c, "stage1.row_groups", 4)))
     metake = None
     if method.startswith("metake"):
         m = c.metake

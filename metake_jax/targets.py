@@ -5,6 +5,11 @@ All ``n`` requests are optimized together in one jitted computation: each reques
 equals n independent ones) and its own early-stop flag; the clamp is per request.  The layers
 below ``L`` run once: their output is cached and every step starts the forward pass at ``L``.
 
+Rows are run in ``row_groups`` length-sorted groups, each cut to its own (bucketed) width: rows
+of one batch range from ~5 to ~24 tokens, so a single padded width wastes about half of the
+compute; four groups keep ~75 % of the tokens real (bench/RESULTS.md, "Stage I row groups").
+Grouping changes no number: every row's loss is the same function of its own tokens.
+
 The same loss pieces (``edit_and_loc_losses``) are reused by MetaKE's virtual look-ahead (§6).
 """
 from __future__ import annotations
@@ -16,12 +21,14 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metake_jax.batch import EditBatch
 from models.config import ModelConfig
 from models.interface import AddAt, WDeltas, block_at, forward, gather_positions, head, make_context
 from models.layers import f32
+from metake_jax.tokens import bucket
 
 Array = jax.Array
 
@@ -36,6 +43,7 @@ class StageIConfig:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     early_stop: float = 5e-2
+    row_groups: int = 4  # length-sorted row groups, each at its own width (1 = one padded width)
 
 
 class StageIResult(NamedTuple):
@@ -83,6 +91,20 @@ def upper_logits(
     return logits_t, logits_k
 
 
+def row_terms(logits_t: Array, logits_k: Array, rows: EditBatch, logp_init: Array) -> tuple[Array, Array]:
+    """Per-row (target NLL averaged over target tokens, KL(P_cur ‖ P_init) at the subject token).
+
+    ``rows`` needs only the per-row fields (tgt_ids, tgt_mask); ``logp_init`` is (R, V).
+    """
+    logp = jax.nn.log_softmax(logits_t, axis=-1)
+    tok = jnp.take_along_axis(logp, rows.tgt_ids[..., None], axis=-1)[..., 0]
+    m = rows.tgt_mask.astype(logits_t.dtype)
+    row_nll = -(tok * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+    logp_k = jax.nn.log_softmax(logits_k, axis=-1)
+    kl_rows = jnp.sum(jnp.exp(logp_k) * (logp_k - logp_init), axis=-1)
+    return row_nll, kl_rows
+
+
 def edit_and_loc_losses(
     logits_t: Array, logits_k: Array, batch: EditBatch, logp_init: Array
 ) -> tuple[Array, Array]:
@@ -90,15 +112,8 @@ def edit_and_loc_losses(
 
     NLL per rewriting prompt = sum over target tokens / #tokens; mean over the prompts (§3).
     """
-    logp = jax.nn.log_softmax(logits_t, axis=-1)
-    tok = jnp.take_along_axis(logp, batch.tgt_ids[..., None], axis=-1)[..., 0]
-    m = batch.tgt_mask.astype(logits_t.dtype)
-    row_nll = -(tok * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
-    nll = batch.nll_avg @ row_nll
-    logp_k = jax.nn.log_softmax(logits_k, axis=-1)
-    kl_rows = jnp.sum(jnp.exp(logp_k) * (logp_k - logp_init), axis=-1)
-    kl = batch.kl_sel @ kl_rows
-    return nll, kl
+    row_nll, kl_rows = row_terms(logits_t, logits_k, batch, logp_init)
+    return batch.nll_avg @ row_nll, batch.kl_sel @ kl_rows
 
 
 def rows_of(batch: EditBatch, per_request: Array) -> Array:
@@ -107,28 +122,77 @@ def rows_of(batch: EditBatch, per_request: Array) -> Array:
     return jnp.repeat(per_request, per, axis=0)
 
 
-@partial(jax.jit, static_argnames=("cfg", "L", "hp"))
-def optimize_targets(
-    cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
+def row_groups(batch: EditBatch, n_groups: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Host-side split of the rows into ``n_groups`` length-sorted groups of static sizes.
+
+    Returns (order (R,) row indices sorted by length, widths (n_groups,) bucketed to multiples
+    of 4).  Group sizes follow ``np.array_split(R, n_groups)``, so they depend on R only.
+    """
+    lens = np.asarray(batch.mask).sum(axis=1)
+    R, T = np.asarray(batch.mask).shape
+    n_groups = max(1, min(int(n_groups), R))
+    if n_groups == 1:
+        return np.arange(R, dtype=np.int32), (T,)
+    order = np.argsort(lens, kind="stable").astype(np.int32)
+    widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
+                   for g in np.array_split(order, n_groups))
+    return order, widths
+
+
+def _group_rows(batch: EditBatch, order: Array, widths: tuple[int, ...]) -> list[tuple[Array, EditBatch]]:
+    """(row indices, per-row sub-batch cut to its width) for each group; per-request fields None."""
+    sizes = [len(a) for a in np.array_split(np.arange(batch.tokens.shape[0]), len(widths))]
+    out, start = [], 0
+    for size, w in zip(sizes, widths):
+        idx = order[start:start + size]
+        start += size
+        out.append((idx, EditBatch(
+            tokens=batch.tokens[idx, :w], mask=batch.mask[idx, :w], lookup=batch.lookup[idx],
+            tgt_pos=batch.tgt_pos[idx], tgt_ids=batch.tgt_ids[idx], tgt_mask=batch.tgt_mask[idx],
+            key_avg=None, nll_avg=None, kl_sel=None, bare_row=None, valid=None)))
+    return out
+
+
+@partial(jax.jit, static_argnames=("cfg", "L", "hp", "widths"))
+def optimize_targets_grouped(
+    cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
+    widths: tuple[int, ...],
 ) -> StageIResult:
-    """Stage I for every request of ``batch`` in one jitted computation (METHOD.md §3)."""
+    """Stage I for every request of ``batch`` in one jitted computation (METHOD.md §3).
+
+    ``order`` / ``widths`` come from ``row_groups``; rows are run group by group and their loss
+    terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.
+    """
     n_pad = batch.valid.shape[0]
-    h_in = lower_hidden(cfg, params, batch, L)
-    ctx = make_context(batch.mask)
-    h_L, _ = block_at(cfg, params, L, h_in, ctx)
-    h0_rows = f32(gather_positions(h_L, batch.lookup[:, None])[:, 0])
-    h0 = h0_rows[batch.bare_row]  # (n_pad, d)
+    per = batch.tokens.shape[0] // n_pad
+    groups = _group_rows(batch, order, widths)
+    req_of = [idx // per for idx, _ in groups]
+    nll_avg = batch.nll_avg[:, order]
+    kl_sel = batch.kl_sel[:, order]
+    h_ins, h0_rows, logp_init = [], [], []
+    for _, rows in groups:
+        h_in = lower_hidden(cfg, params, rows, L)
+        h_L, _ = block_at(cfg, params, L, h_in, make_context(rows.mask))
+        h0_rows.append(f32(gather_positions(h_L, rows.lookup[:, None])[:, 0]))
+        _, logits_k0 = upper_logits(cfg, params, rows, h_in, L)
+        logp_init.append(jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1)))
+        h_ins.append(h_in)
+    inv = jnp.argsort(order)
+    h0 = jnp.concatenate(h0_rows)[inv[batch.bare_row]]  # (n_pad, d)
     h0_norm = safe_norm(h0)
-    _, logits_k0 = upper_logits(cfg, params, batch, h_in, L)
-    logp_init = jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1))
 
     def loss_fn(delta: Array) -> tuple[Array, tuple[Array, Array]]:
-        logits_t, logits_k = upper_logits(cfg, params, batch, h_in, L, delta_rows=rows_of(batch, delta))
-        nll, kl = edit_and_loc_losses(logits_t, logits_k, batch, logp_init)
+        row_nll, kl_rows = [], []
+        for (_, rows), h_in, lp0, req in zip(groups, h_ins, logp_init, req_of):
+            logits_t, logits_k = upper_logits(cfg, params, rows, h_in, L, delta_rows=delta[req])
+            a, b = row_terms(logits_t, logits_k, rows, lp0)
+            row_nll.append(a)
+            kl_rows.append(b)
+        nll = nll_avg @ jnp.concatenate(row_nll)
+        kl = kl_sel @ jnp.concatenate(kl_rows)
         wd = hp.weight_decay * safe_norm(delta) / jnp.square(h0_norm)
         total = nll + hp.kl_factor * kl + wd
         return jnp.sum(total * batch.valid), (total, nll)
-
     opt = optax.adam(hp.lr)
     delta0 = jnp.zeros((n_pad, cfg.d_model), h0.dtype)
     max_norm = hp.clamp_norm_factor * h0_norm
@@ -163,3 +227,11 @@ def optimize_targets(
     Z = (h0 + delta).T * batch.valid
     chex.assert_shape(Z, (cfg.d_model, n_pad))
     return StageIResult(Z=Z, H0=h0.T * batch.valid, delta=delta, losses=losses, nll=nlls, steps_taken=taken)
+
+
+def optimize_targets(
+    cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
+) -> StageIResult:
+    """Stage I (METHOD.md §3): split the rows into ``hp.row_groups`` groups, run the jitted loop."""
+    order, widths = row_groups(batch, hp.row_groups)
+    return optimize_targets_grouped(cfg, params, batch, jnp.asarray(order), L, hp, widths)

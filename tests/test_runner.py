@@ -107,6 +107,20 @@ def test_launch_edit_config_overrides(tmp_path, stats_dir, monkeypatch):
     assert r["config"]["data"]["n"] == 4 and r["pre"]["efficacy"] is not None and r["post"] is not None
     assert (run_dir / "results.md").is_file() and (run_dir / "plots" / "timings.png").is_file()
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    # launch/compare.py: one row per run, the numbers of each results.json, mixed benchmarks refused
+    compare = importlib.import_module("compare")
+    from metake_jax.report import compare_table
+
+    table = compare_table([r, r], names=["a", "b"])
+    for name in ("a", "b"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |")).split("|")
+        assert float(row[2]) == pytest.approx(r["post"]["efficacy"], abs=5e-3)
+        assert float(row[4]) == pytest.approx(r["post"]["specificity"], abs=5e-3)
+    unedited = next(line for line in table.splitlines() if line.startswith("| unedited |")).split("|")
+    assert float(unedited[2]) == pytest.approx(r["pre"]["efficacy"], abs=5e-3)
+    with pytest.raises(ValueError, match="mix benchmarks"):
+        compare_table([r, {**r, "kind": "zsre"}])
+    assert compare.main([str(run_dir)]) == 0 and compare.main([str(tmp_path / "nope")]) == 2
 
 
 def test_help_lists_flags():

@@ -1,6 +1,7 @@
 """Stage I (METHOD.md §3): torch reference loop as oracle, batching without cross-talk, clamp, stop."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import torch
 
 from metake_jax.batch import EditBatch, prepare_batch
 from metake_jax.errors import RequestError
-from metake_jax.targets import StageIConfig, optimize_targets
+from metake_jax.targets import StageIConfig, optimize_targets, row_groups
 from tests.tiny import tiny_hf_model, tiny_tokenizer, to_jax
 
 TEMPLATES = [["{}"], ["The cat. {}", "Because I said. {}"]]
@@ -127,6 +128,22 @@ def test_remat_matches_torch_reference_loop(setup):
     np.testing.assert_allclose(np.asarray(res.Z), np.asarray(plain.Z), rtol=1e-5, atol=1e-5)
     z_ref = torch_compute_z(hf, tok, REQS[0], HP)
     np.testing.assert_allclose(np.asarray(res.Z)[:, 0], z_ref, rtol=1e-4, atol=1e-4 * np.abs(z_ref).max())
+
+
+def test_row_groups_change_no_number(setup):
+    """Length-sorted row groups (each at its own width) = one padded width = every row alone."""
+    tok, hf, cfg, params = setup
+    b, _ = prepare_batch(tok, REQS, TEMPLATES)
+    order, widths = row_groups(b, 4)
+    lens = b.mask.sum(axis=1)
+    assert sorted(lens[order]) == list(lens[order])  # sorted by length
+    assert min(widths) < b.tokens.shape[1]  # grouping really cuts padding on this batch
+    ref, _ = _run(cfg, params, tok, REQS, dataclasses.replace(HP, row_groups=1))
+    for k in (2, 4, b.tokens.shape[0]):
+        res, _ = _run(cfg, params, tok, REQS, dataclasses.replace(HP, row_groups=k))
+        np.testing.assert_allclose(np.asarray(res.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(res.steps_taken), np.asarray(ref.steps_taken))
+        np.testing.assert_allclose(np.asarray(res.losses), np.asarray(ref.losses), rtol=1e-5, atol=1e-6)
 
 
 def test_no_cross_talk_between_requests(setup):
