@@ -1,11 +1,12 @@
 """Stage I wall time on SmolLM2: n requests batched (one jitted computation) vs one at a time.
 
     python bench/stage1_speed.py --ns 1,10,100 --singles 10
-    python bench/stage1_speed.py --ns 20 --singles 0 --stats_docs 0 --row_groups 1,4   # row groups A/B
+    python bench/stage1_speed.py --ns 20 --singles 0 --stats_docs 0 --row_groups 1,4 \
+        --data ../shared/data/counterfact_easyedit/counterfact-edit.json --format flat --template_length 5
 
 For each n: compiled ahead of time, then one timed run (steady state; compile reported apart). "One at a time" runs the
 first ``--singles`` requests separately (after their compile) and scales the mean to n.
-Requests: the bundled demo set, cycled to n; templates sampled once (seed 0).  ``--row_groups``
+Requests: the bundled demo set (or ``--data``), cycled to n; templates sampled once (seed 0).  ``--row_groups``
 times each listed number of length-sorted row groups (``StageIConfig.row_groups``) and prints the
 fraction of computed tokens that are real (not padding).
 Also prints the statistics throughput (tokens/s) of one pass over a model-sampled corpus.
@@ -28,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from configs.smollm2_cf import SMOLLM2_TUNED  # noqa: E402
 from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
-from metake_jax.data.loaders import load_demo  # noqa: E402
+from metake_jax.data.loaders import load_cases, load_demo  # noqa: E402
 from metake_jax.targets import StageIConfig, optimize_targets_grouped, row_groups  # noqa: E402
 from models.embedded import load_smollm2  # noqa: E402
 from models.generate import context_templates  # noqa: E402
@@ -56,12 +57,17 @@ def main() -> None:
     ap.add_argument("--ns", default="1,10,100")
     ap.add_argument("--singles", type=int, default=10)
     ap.add_argument("--stats_docs", type=int, default=32)
+    ap.add_argument("--data", default="demo", help="'demo' or a CounterFact / ZsRE file")
+    ap.add_argument("--format", default="auto", help="data format (flat, rome, zsre, auto)")
+    ap.add_argument("--template_length", type=int, default=10, help="context template length (tokens)")
     ap.add_argument("--row_groups", default=str(StageIConfig.row_groups),
                     help="comma list of length-sorted row-group counts to time (1 = one padded width)")
     a = ap.parse_args()
     cfg, params, tok = load_smollm2()
-    tmpl = context_templates(cfg, params, tok, seed=0)
-    demo = [c.request for c in load_demo()]
+    tmpl = context_templates(cfg, params, tok, seed=0, length=a.template_length)
+    n_max = max(max(int(x) for x in a.ns.split(",")), a.singles)
+    cases = load_demo() if a.data == "demo" else load_cases(a.data, a.format, n=n_max, tokenizer=tok)
+    demo = [c.request for c in cases]
     L = SMOLLM2_TUNED["layers"][-1]
     groups = [int(x) for x in a.row_groups.split(",")]
     hp = StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"], row_groups=groups[0])

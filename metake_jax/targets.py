@@ -193,6 +193,7 @@ def optimize_targets_grouped(
         wd = hp.weight_decay * safe_norm(delta) / jnp.square(h0_norm)
         total = nll + hp.kl_factor * kl + wd
         return jnp.sum(total * batch.valid), (total, nll)
+
     opt = optax.adam(hp.lr)
     delta0 = jnp.zeros((n_pad, cfg.d_model), h0.dtype)
     max_norm = hp.clamp_norm_factor * h0_norm
