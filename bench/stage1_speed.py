@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from configs.smollm2_cf import SMOLLM2_TUNED  # noqa: E402
 from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
 from metake_jax.data.loaders import load_cases, load_demo  # noqa: E402
-from metake_jax.targets import StageIConfig, optimize_targets_grouped, row_groups  # noqa: E402
+from metake_jax.targets import StageIConfig, group_sizes, optimize_targets_grouped, row_groups  # noqa: E402
 from models.embedded import load_smollm2  # noqa: E402
 from models.generate import context_templates  # noqa: E402
 
@@ -41,7 +41,7 @@ def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int, float]:
     b = EditBatch(*map(jnp.asarray, hb))
     t = time.perf_counter()
     order, widths = row_groups(hb, hp.row_groups)
-    sizes = [len(g) for g in np.array_split(order, len(widths))]
+    sizes = group_sizes(len(order), len(widths))
     fill = float(hb.mask.sum()) / sum(s * w for s, w in zip(sizes, widths))
     order = jnp.asarray(order)
     compiled = optimize_targets_grouped.lower(cfg, params, b, order, L, hp, widths).compile()

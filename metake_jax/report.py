@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,6 @@ def metrics_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _median(xs: list[float]) -> float | None:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    m = len(xs) // 2
-    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
-
-
 def compare_table(runs: list[dict[str, Any]], *, names: list[str] | None = None) -> str:
     """One markdown row per run (post-edit metrics ×100, pre-edit on a first row) — a method table.
 
@@ -54,9 +47,8 @@ def compare_table(runs: list[dict[str, Any]], *, names: list[str] | None = None)
     ncases = {r.get("n_cases") for r in runs}
     if len(ncases) != 1:
         raise ValueError(f"compare_table: runs have different numbers of cases {sorted(map(str, ncases))}")
-    rows = _ZSRE_ROWS[:3] if kinds == {"zsre"} else (
-        "efficacy", "generalization", "specificity", "score", "efficacy_magnitude",
-        "generalization_magnitude", "specificity_magnitude")
+    rows = _ZSRE_ROWS[:3] if kinds == {"zsre"} else tuple(
+        r for r in _CF_ROWS if r not in ("fluency", "consistency"))
     names = names or [r["method"] for r in runs]
     head = ["method"] + list(rows) + ["stage1 s/batch", "look-ahead s/batch", "total s/batch"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -66,7 +58,8 @@ def compare_table(runs: list[dict[str, Any]], *, names: list[str] | None = None)
     for name, r in zip(names, runs):
         post = r.get("post") or {}
         later = [b.get("timings", {}) for b in r.get("batches", [])[1:]]
-        med = [_median([t[k] for t in later if t.get(k) is not None]) for k in ("stage1", "lookahead", "total")]
+        vals = [[t[k] for t in later if t.get(k) is not None] for k in ("stage1", "lookahead", "total")]
+        med = [statistics.median(v) if v else None for v in vals]
         lines.append(f"| {name} | " + " | ".join(_fmt(post.get(k)) for k in rows) + " | "
                      + " | ".join(_fmt(m) for m in med) + " |")
     return "\n".join(lines)

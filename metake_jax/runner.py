@@ -92,10 +92,13 @@ def edit_config(c: Any) -> EditConfig:
     editor = EditorConfig(method=inner, l2=float(c.editor.l2),
                           mom2_update_weight=float(c.editor.mom2_update_weight), solve_dtype=solve)
     s = c.stage1
-    stage1 = StageIConfig(lr=float(s.lr), steps=int(s.steps), clamp_norm_factor=float(s.clamp_norm_factor),
-                          kl_factor=float(s.kl_factor), weight_decay=float(s.weight_decay),
-                          early_stop=float(_get(c, "stage1.early_stop", 5e-2)),
-                          row_groups=int(_get(c, "stage1.row_groups", 4)))
+    try:
+        stage1 = StageIConfig(lr=float(s.lr), steps=int(s.steps), clamp_norm_factor=float(s.clamp_norm_factor),
+                              kl_factor=float(s.kl_factor), weight_decay=float(s.weight_decay),
+                              early_stop=float(_get(c, "stage1.early_stop", 5e-2)),
+                              row_groups=int(_get(c, "stage1.row_groups", StageIConfig.row_groups)))
+    except ValueError as e:
+        raise RunError(f"config.{e}") from e
     metake = None
     if method.startswith("metake"):
         m = c.metake

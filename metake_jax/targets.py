@@ -25,10 +25,10 @@ import numpy as np
 import optax
 
 from metake_jax.batch import EditBatch
+from metake_jax.tokens import bucket
 from models.config import ModelConfig
 from models.interface import AddAt, WDeltas, block_at, forward, gather_positions, head, make_context
 from models.layers import f32
-from metake_jax.tokens import bucket
 
 Array = jax.Array
 
@@ -44,6 +44,10 @@ class StageIConfig:
     weight_decay: float = 0.5
     early_stop: float = 5e-2
     row_groups: int = 4  # length-sorted row groups, each at its own width (1 = one padded width)
+
+    def __post_init__(self) -> None:
+        if int(self.row_groups) < 1:
+            raise ValueError(f"stage1.row_groups must be >= 1, got {self.row_groups}")
 
 
 class StageIResult(NamedTuple):
@@ -128,20 +132,26 @@ def row_groups(batch: EditBatch, n_groups: int) -> tuple[np.ndarray, tuple[int, 
     Returns (order (R,) row indices sorted by length, widths (n_groups,) bucketed to multiples
     of 4).  Group sizes follow ``np.array_split(R, n_groups)``, so they depend on R only.
     """
-    lens = np.asarray(batch.mask).sum(axis=1)
-    R, T = np.asarray(batch.mask).shape
-    n_groups = max(1, min(int(n_groups), R))
+    mask = np.asarray(batch.mask)
+    R, T = mask.shape
+    n_groups = min(int(n_groups), R)
     if n_groups == 1:
         return np.arange(R, dtype=np.int32), (T,)
+    lens = mask.sum(axis=1)
     order = np.argsort(lens, kind="stable").astype(np.int32)
     widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
                    for g in np.array_split(order, n_groups))
     return order, widths
 
 
+def group_sizes(n_rows: int, n_groups: int) -> list[int]:
+    """Rows per group (static): ``np.array_split`` sizes, as used by ``row_groups``."""
+    return [len(a) for a in np.array_split(np.arange(n_rows), n_groups)]
+
+
 def _group_rows(batch: EditBatch, order: Array, widths: tuple[int, ...]) -> list[tuple[Array, EditBatch]]:
     """(row indices, per-row sub-batch cut to its width) for each group; per-request fields None."""
-    sizes = [len(a) for a in np.array_split(np.arange(batch.tokens.shape[0]), len(widths))]
+    sizes = group_sizes(batch.tokens.shape[0], len(widths))
     out, start = [], 0
     for size, w in zip(sizes, widths):
         idx = order[start:start + size]

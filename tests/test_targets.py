@@ -138,6 +138,8 @@ def test_row_groups_change_no_number(setup):
     lens = b.mask.sum(axis=1)
     assert sorted(lens[order]) == list(lens[order])  # sorted by length
     assert min(widths) < b.tokens.shape[1]  # grouping really cuts padding on this batch
+    with pytest.raises(ValueError, match="row_groups must be >= 1"):
+        dataclasses.replace(HP, row_groups=0)
     ref, _ = _run(cfg, params, tok, REQS, dataclasses.replace(HP, row_groups=1))
     for k in (4, b.tokens.shape[0]):  # 4 groups; every row alone
         res, _ = _run(cfg, params, tok, REQS, dataclasses.replace(HP, row_groups=k))
