@@ -80,9 +80,9 @@ class _Lines(list):
         super().append(line)
 
 
-def timed_pass(cfg, params, batches, layers):
+def timed_pass(cfg, params, batches, layers, precision="highest"):
     t0 = time.perf_counter()
-    sums, count = S.accumulate_second_moment(cfg, params, batches, layers)
+    sums, count = S.accumulate_second_moment(cfg, params, batches, layers, precision=precision)
     jax.block_until_ready(sums)
     return time.perf_counter() - t0, count, sums
 
@@ -96,11 +96,16 @@ def main() -> None:
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--shape", default=None, help="random model preset family:size, e.g. gptj:gpt-j-6b")
     ap.add_argument("--n-req", type=int, default=100, help="requests in the timed closed-form solves")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["mixed", "eigh", "alphaedit", "memit"],
+                    help="parts not to time (e.g. the float64 MEMIT solve on a GPU host)")
+    ap.add_argument("--precision", nargs="+", default=["highest"], choices=sorted(S.PRECISIONS),
+                    help="Σ k kᵀ matmul precision(s) of the full-length pass (one line each)")
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--machine", default="2-core CPU dev box")
     args = ap.parse_args()
 
-    jax.config.update("jax_default_matmul_precision", "highest")
+    # no global matmul precision: the forward runs at the library's default, the covariance einsum at
+    # HIGHEST (metake_jax.stats), as in launch/stats.py
     cfg, params, label = load_model(args.random_weights, args.shape)
     layers = tuple(args.layers)
     rng = np.random.default_rng(0)
@@ -112,13 +117,32 @@ def main() -> None:
     full = [rng.integers(0, cfg.vocab_size, size=args.max_len).tolist() for _ in range(args.n_docs)]
     batches = S.make_batches(full, max_len=args.max_len, token_budget=args.token_budget)
     warm = batches[:1]
-    t_first, n_first, _ = timed_pass(cfg, params, warm, layers)  # includes compilation
-    t, n, _ = timed_pass(cfg, params, batches, layers)
-    lines.append(f"stats pass, {len(full)} docs x {args.max_len} tokens ({len(batches)} batches of "
-                 f"{batches[0][0].shape}): {n / t:,.0f} tokens/s ({n} tokens in {t:.2f} s; "
-                 f"first batch incl. compile {t_first:.2f} s)")
+    for prec in args.precision:
+        t_first, n_first, _ = timed_pass(cfg, params, warm, layers, prec)  # includes compilation
+        t, n, _ = timed_pass(cfg, params, batches, layers, prec)
+        lines.append(f"stats pass ({prec} precision), {len(full)} docs x {args.max_len} tokens ({len(batches)} "
+                     f"batches of {batches[0][0].shape}): {n / t:,.0f} tokens/s ({n} tokens in {t:.2f} s; "
+                     f"first batch incl. compile {t_first:.2f} s)")
 
     # mixed lengths through the length buckets (compile each bucket first)
+    skip = set(args.skip)
+    if "mixed" not in skip:
+        _mixed_pass(cfg, params, args, rng, layers, lines)
+    d_k = cfg.d_key
+    if "eigh" not in skip or "alphaedit" not in skip or "memit" not in skip:
+        A = jax.random.normal(jax.random.PRNGKey(0), (d_k, d_k), jnp.float32) / np.sqrt(d_k)
+        C0 = jax.block_until_ready(A @ A.T * 0.05)  # on device: d_k = 16384 is 4 TFLOP
+    if "eigh" not in skip:
+        _eigh(C0, layers, lines)
+    if "alphaedit" not in skip or "memit" not in skip:
+        P = nullspace_projector(C0) if "alphaedit" not in skip else None
+        _solves(cfg, C0, P, args.n_req, rng, skip, lines)
+
+    if args.results is not None:
+        write_section(args.results, args.machine, lines)
+
+
+def _mixed_pass(cfg, params, args, rng, layers, lines) -> None:
     lengths = np.clip(rng.geometric(1 / (args.max_len / 4), size=args.n_docs), 1, args.max_len)
     mixed = [rng.integers(0, cfg.vocab_size, size=int(k)).tolist() for k in lengths]
     mb = S.make_batches(mixed, max_len=args.max_len, token_budget=args.token_budget)
@@ -133,38 +157,37 @@ def main() -> None:
                  f"bucket shapes, padding overhead {padded / n - 1:.0%}): {n / t:,.0f} tokens/s "
                  f"(compile of all buckets {t_c:.1f} s)")
 
-    # projector eigendecomposition at d_k
-    d_k = cfg.d_key
-    A = jax.random.normal(jax.random.PRNGKey(0), (d_k, d_k), jnp.float32) / np.sqrt(d_k)
-    C0 = jax.block_until_ready(A @ A.T * 0.05)  # on device: d_k = 16384 is 4 TFLOP
+
+def _eigh(C0, layers, lines) -> None:
+    """Projector eigendecomposition at d_k: one layer, then the per-layer stack."""
+    d_k = C0.shape[0]
     nullspace_projector(C0).block_until_ready()  # compile
     t0 = time.perf_counter()
-    P = nullspace_projector(C0)
-    P.block_until_ready()
-    t_eig = time.perf_counter() - t0
-    lines.append(f"nullspace_projector (eigh + P) d_k={d_k}: {t_eig:.2f} s per layer")
+    nullspace_projector(C0).block_until_ready()
+    lines.append(f"nullspace_projector (eigh + P) d_k={d_k}: {time.perf_counter() - t0:.2f} s per layer")
     stack = jnp.stack([C0] * len(layers))
     projectors_for_layers(stack)[0].block_until_ready()
     t0 = time.perf_counter()
     projectors_for_layers(stack)[0].block_until_ready()
     lines.append(f"projectors_for_layers, {len(layers)} layers, d_k={d_k}: {time.perf_counter() - t0:.2f} s")
 
-    # closed-form solves at d_k (n = 100 requests, d = d_model)
-    n_req = args.n_req
+
+def _solves(cfg, C0, P, n_req, rng, skip, lines) -> None:
+    """Closed-form solves at d_k (n = ``n_req`` requests, d = d_model)."""
+    d_k = C0.shape[0]
     K = jnp.asarray(rng.normal(size=(d_k, n_req)).astype(np.float32))
     R = jnp.asarray(rng.normal(size=(cfg.d_model, n_req)).astype(np.float32))
     Cp = K @ K.T
-    for name, fn in (
-        ("alphaedit_increment float32", lambda: E.alphaedit_increment(K, R, P, Cp, 10.0)),
-        ("memit_increment float64", lambda: E.memit_increment(K, R, C0 + 1e-3 * jnp.eye(d_k), 15000.0)),
-    ):
+    todo = []
+    if "alphaedit" not in skip:
+        todo.append(("alphaedit_increment float32", lambda: E.alphaedit_increment(K, R, P, Cp, 10.0)))
+    if "memit" not in skip:
+        todo.append(("memit_increment float64", lambda: E.memit_increment(K, R, C0 + 1e-3 * jnp.eye(d_k), 15000.0)))
+    for name, fn in todo:
         jax.block_until_ready(fn())
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         lines.append(f"{name}, d_k={d_k}, n={n_req}: {time.perf_counter() - t0:.2f} s")
-
-    if args.results is not None:
-        write_section(args.results, args.machine, lines)
 
 
 def write_section(path: Path, machine: str, lines: list[str]) -> None:

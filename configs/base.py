@@ -86,6 +86,7 @@ def get_config() -> ConfigDict:
     c.stats.n_samples = 100000
     c.stats.max_len = 512
     c.stats.token_budget = 8192  # tokens per statistics forward batch
+    c.stats.precision = "highest"  # Σ k kᵀ matmul: highest (float32, reference) | high | default (TF32/bf16 on GPU)
     c.stats.seed = 1
     c.stats.cache_dir = ""  # "" = $METAKE_CACHE/stats (default ~/.cache/metake-jax/stats)
 

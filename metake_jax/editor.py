@@ -21,7 +21,7 @@ from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
 from metake_jax.write import (
-    EditorConfig, LayerStats, apply_deltas, batch_key_cache, multilayer_write,
+    EditorConfig, LayerStats, apply_deltas, multilayer_write, updated_key_cache,
 )
 from models.config import ModelConfig
 
@@ -129,10 +129,10 @@ def write_targets(
         deltas, aux = _timed(timings, "write", _write, cfg, state.params, batch, Z, ecfg.layers,
                              state.stats, ecfg.editor)
     new_params = apply_deltas(state.params, ecfg.layers, deltas)  # raises EditError, state untouched
-    cache = _timed(timings, "cache", batch_key_cache, cfg, new_params, batch, ecfg.layers)
-    if not bool(jnp.isfinite(cache).all()):
+    Cp, finite = _timed(timings, "cache", updated_key_cache, cfg, new_params, batch, ecfg.layers, state.stats.Cp)
+    if not bool(finite):
         raise EditError("non-finite keys after the edit: batch not written")
-    stats = state.stats._replace(Cp=state.stats.Cp + cache)
+    stats = state.stats._replace(Cp=Cp)
     n = int(np.asarray(batch.valid).sum())
     return EditState(params=new_params, stats=stats, n_edits=state.n_edits + n), aux
 

@@ -227,7 +227,8 @@ def layer_statistics(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, mode
     return layer_stats(cfg, params, tokenizer, tuple(int(l) for l in c.layers), spec,
                        n_samples=int(s.n_samples), max_len=int(s.max_len),
                        cache_dir=stats_cache_dir(c), model_id=model_id,
-                       token_budget=int(_get(c, "stats.token_budget", 8192)))
+                       token_budget=int(_get(c, "stats.token_budget", 8192)),
+                       precision=str(_get(c, "stats.precision", "highest")))
 
 
 def _fingerprint(c: Any) -> dict[str, Any]:
@@ -235,7 +236,10 @@ def _fingerprint(c: Any) -> dict[str, Any]:
     d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
     keep = ("model", "dtype", "data", "method", "batch_size", "layers", "stage1", "editor", "metake", "stats",
             "templates", "seed")
-    return json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
+    fp = json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
+    if isinstance(fp.get("stats"), dict) and fp["stats"].get("precision") == "highest":
+        del fp["stats"]["precision"]  # the default; checkpoints written before the field existed still resume
+    return fp
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

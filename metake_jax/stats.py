@@ -63,7 +63,17 @@ __all__ = [
 ]
 
 STATS_DTYPE = "float32"
-_HI = jax.lax.Precision.HIGHEST
+# matmul precision of the Σ k kᵀ einsum: "highest" = true float32 (the reference: torch float32,
+# TF32 off); "high" / "default" let a GPU use TF32 / bf16 passes (several times faster at d_k = 16384,
+# bench/RESULTS.md "Statistics (GPU)"); the cache key records any choice other than "highest".
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+              "default": jax.lax.Precision.DEFAULT}
+
+
+def _precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f"statistics precision must be one of {sorted(PRECISIONS)}, got {name!r}")
+    return name
 
 
 class CorpusError(RuntimeError):
@@ -73,18 +83,18 @@ class CorpusError(RuntimeError):
 # ============================================================================= one jitted step
 
 
-def _step_body(cfg: ModelConfig, layers: tuple[int, ...], params: Params, tokens: Array,
+def _step_body(cfg: ModelConfig, layers: tuple[int, ...], precision: str, params: Params, tokens: Array,
                mask: Array) -> Array:
     out = forward(cfg, params, tokens, mask, taps=layers, stop_layer=max(layers) + 1)
     keys = out.keys.astype(jnp.float32)  # (m, B, T, d_k)
     keys = jnp.where(mask[None, :, :, None], keys, 0.0)  # padding (even NaN there) never counts
     flat = keys.reshape(keys.shape[0], -1, keys.shape[-1])
-    return jnp.einsum("mni,mnj->mij", flat, flat, precision=_HI)
+    return jnp.einsum("mni,mnj->mij", flat, flat, precision=PRECISIONS[precision])
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_step(cfg: ModelConfig, layers: tuple[int, ...], mesh: Mesh | None):
-    body = functools.partial(_step_body, cfg, layers)
+def _compiled_step(cfg: ModelConfig, layers: tuple[int, ...], mesh: Mesh | None, precision: str = "highest"):
+    body = functools.partial(_step_body, cfg, layers, _precision(precision))
     if mesh is None:
         return jax.jit(body)
     rep, rows = replicated(mesh), batch_sharding(mesh, 2)
@@ -92,10 +102,10 @@ def _compiled_step(cfg: ModelConfig, layers: tuple[int, ...], mesh: Mesh | None)
 
 
 def second_moment_step(cfg: ModelConfig, params: Params, tokens: Array, mask: Array,
-                       layers: Sequence[int], *, mesh: Mesh | None = None) -> Array:
+                       layers: Sequence[int], *, mesh: Mesh | None = None, precision: str = "highest") -> Array:
     """``Σ_{non-pad tokens} k kᵀ`` (m, d_k, d_k) float32 for one padded batch (METHOD.md §4)."""
     layers = _check_layers(cfg, layers)
-    return _compiled_step(cfg, layers, mesh)(params, tokens, mask)
+    return _compiled_step(cfg, layers, mesh, precision)(params, tokens, mask)
 
 
 def _check_layers(cfg: ModelConfig, layers: Sequence[int]) -> tuple[int, ...]:
@@ -116,14 +126,16 @@ def accumulate_second_moment(
     layers: Sequence[int],
     *,
     mesh: Mesh | None = None,
+    precision: str = "highest",
 ) -> tuple[Array, int]:
     """One pass over ``token_batches`` -> ``(Σ k kᵀ (m, d_k, d_k) float32, #non-pad tokens)``.
 
     Each batch is ``(tokens (B, T) int, mask (B, T) bool)`` with right padding; with a mesh the
     rows are padded (empty rows) to a multiple of the device count and split over ``data``.
+    ``precision`` is the matmul precision of the Σ k kᵀ einsum (``PRECISIONS``).
     """
     layers = _check_layers(cfg, layers)
-    step = _compiled_step(cfg, layers, mesh)
+    step = _compiled_step(cfg, layers, mesh, precision)
     n_dev = mesh_size(mesh)
     if mesh is not None:
         params = jax.device_put(params, replicated(mesh))
@@ -393,10 +405,13 @@ def load_corpus(spec: CorpusSpec, n: int, *, cfg: ModelConfig | None = None, par
 
 
 def stats_key(model_id: str, layer: int, corpus: str, n_samples: int, max_len: int,
-              dtype: str = STATS_DTYPE) -> dict[str, Any]:
-    """The cache key stored inside each per-layer file."""
-    return {"model_id": str(model_id), "layer": int(layer), "corpus_id": str(corpus),
-            "n_samples": int(n_samples), "max_len": int(max_len), "dtype": str(dtype)}
+              dtype: str = STATS_DTYPE, precision: str = "highest") -> dict[str, Any]:
+    """The cache key stored inside each per-layer file (``precision`` only when not "highest")."""
+    key = {"model_id": str(model_id), "layer": int(layer), "corpus_id": str(corpus),
+           "n_samples": int(n_samples), "max_len": int(max_len), "dtype": str(dtype)}
+    if _precision(precision) != "highest":
+        key["precision"] = precision
+    return key
 
 
 def _safe(s: str) -> str:
@@ -406,7 +421,8 @@ def _safe(s: str) -> str:
 def stats_path(cache_dir: str | os.PathLike, key: dict[str, Any]) -> Path:
     """``{cache_dir}/{model_id}/{corpus_id}/layer{l}_{dtype}_mom2_n{n_samples}_len{max_len}.npz``."""
     return (Path(cache_dir) / _safe(key["model_id"]) / _safe(key["corpus_id"])
-            / f"layer{key['layer']}_{key['dtype']}_mom2_n{key['n_samples']}_len{key['max_len']}.npz")
+            / f"layer{key['layer']}_{key['dtype']}{'_' + key['precision'] if 'precision' in key else ''}"
+              f"_mom2_n{key['n_samples']}_len{key['max_len']}.npz")
 
 
 def load_layer_stats(path: str | os.PathLike, key: dict[str, Any] | None = None
@@ -458,6 +474,7 @@ def layer_stats(
     token_budget: int = 8192,
     mesh: Mesh | None = None,
     dtype: str = STATS_DTYPE,
+    precision: str = "highest",
 ) -> Array:
     """Normalized ``C0 = E[k kᵀ]`` (m, d_k, d_k) float32 for ``layers`` (METHOD.md §4), cached.
 
@@ -470,7 +487,7 @@ def layer_stats(
     if dtype != STATS_DTYPE:
         raise ValueError(f"only {STATS_DTYPE} statistics are supported, got {dtype!r}")
     cid = corpus_id(corpus_spec, max_len=max_len)
-    keys = {l: stats_key(model_id, l, cid, n_samples, max_len, dtype) for l in layers}
+    keys = {l: stats_key(model_id, l, cid, n_samples, max_len, dtype, precision) for l in layers}
     paths = {l: stats_path(cache_dir, keys[l]) for l in layers}
     have: dict[int, tuple[np.ndarray, int]] = {}
     for l in layers:
@@ -495,7 +512,7 @@ def layer_stats(
         token_lists = tokenize_corpus(tokenizer, texts, max_len)
         batches = make_batches(token_lists, max_len=max_len, token_budget=token_budget,
                                multiple=mesh_size(mesh))
-        sums, count = accumulate_second_moment(cfg, params, batches, missing, mesh=mesh)
+        sums, count = accumulate_second_moment(cfg, params, batches, missing, mesh=mesh, precision=precision)
         sums = np.asarray(jax.device_get(sums))
         if count <= 0:
             raise CorpusError(f"statistics corpus {cid} has no tokens")

@@ -114,11 +114,18 @@ def multilayer_write(
 
 
 @partial(jax.jit, static_argnames=("cfg", "layers"))
-def batch_key_cache(cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...],
-                    deltas: Array | None = None) -> Array:
-    """Σ K Kᵀ of this batch's keys, recomputed on the edited model (C_p increment, §4)."""
-    K, _ = keys_and_hidden(cfg, params, batch, layers, deltas)
-    return jnp.einsum("mkn,mjn->mkj", K, K)
+def updated_key_cache(cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...],
+                      Cp: Array) -> tuple[Array, Array]:
+    """``(C_p + Σ K Kᵀ, finite)``: the C_p update with this batch's keys on the edited model (§4).
+
+    One program, so the batch's K Kᵀ (m, d_k, d_k) is never a buffer of its own beside the old and
+    the new C_p (at GPT-J shape each is 6 GiB in float32); ``finite`` says whether the new C_p is
+    finite (the caller keeps the old state when it is not).
+    """
+    chex.assert_rank(Cp, 3)
+    K, _ = keys_and_hidden(cfg, params, batch, layers)
+    new = Cp + jnp.einsum("mkn,mjn->mkj", K, K).astype(Cp.dtype)
+    return new, jnp.isfinite(new).all()
 
 
 def apply_deltas(params: Any, layers: tuple[int, ...], deltas: Array) -> Any:

@@ -11,6 +11,7 @@ import pytest
 
 from metake_jax.batch import EditBatch, prepare_batch
 from metake_jax.editor import EditConfig, edit_batch, init_state
+from metake_jax.errors import EditError
 from metake_jax.hypergrad import diagnostics, exact_F, exact_hypergradient, prepare_exact, proxy_hypergradient
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
@@ -160,3 +161,31 @@ def test_bare_prompt_lookahead_scores_the_bare_and_kl_rows(setup):
     np.testing.assert_allclose(np.asarray(e_sub)[:2], np.asarray(e_full)[:2], rtol=1e-5)
     # KL values are ~1e-6 here; float32 cancellation in Σ p (log p − log p0) gives ~1e-7 noise
     np.testing.assert_allclose(np.asarray(l_sub)[:2], np.asarray(l_full)[:2], rtol=1e-3, atol=1e-6)
+
+
+def test_cp_update_and_nonfinite_cache_keeps_state(setup):
+    """C_p ← C_p + K Kᵀ with K the batch's keys on the EDITED model (METHOD.md §4; float64 oracle);
+    a non-finite C_p update refuses the whole batch and leaves the input state as it was."""
+    from metake_jax.keys import keys_and_hidden
+
+    tok, cfg, params, b, _ = setup
+    st = _stats(cfg.d_ff, 2, seed=3)
+    state = init_state(params, cfg, LAYERS, P=st.P, C0=st.C0)._replace(stats=st)
+    ecfg = EditConfig(layers=LAYERS, stage1=StageIConfig(steps=2, lr=0.5), editor=ECFG)
+    new, _ = edit_batch(cfg, state, tok, REQS, TEMPLATES, ecfg)
+    K, _ = keys_and_hidden(cfg, new.params, b, LAYERS)
+    K = np.asarray(K, np.float64)
+    KKt = np.einsum("mkn,mjn->mkj", K, K)
+    added = np.asarray(new.stats.Cp, np.float64) - np.asarray(st.Cp, np.float64)
+    assert np.linalg.norm(KKt) > 0
+    assert np.linalg.norm(added - KKt) <= 1e-4 * np.linalg.norm(KKt)
+
+    # MEMIT without the cache in its solve writes finite weights; a NaN already in C_p makes the update non-finite
+    bad = st._replace(Cp=st.Cp.at[0, 0, 0].set(jnp.nan))
+    state = init_state(params, cfg, LAYERS, P=st.P, C0=st.C0)._replace(stats=bad)
+    kern = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
+    memit = dataclasses.replace(ecfg, editor=EditorConfig(method="memit", mom2_update_weight=1.0))
+    with pytest.raises(EditError, match="non-finite keys after the edit: batch not written"):
+        edit_batch(cfg, state, tok, REQS, TEMPLATES, memit)
+    np.testing.assert_array_equal(np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]), kern)
+    assert state.n_edits == 0

@@ -162,3 +162,19 @@ def test_smollm2_configs_share_tuned_dict():
     for mod in (smollm2_cf, smollm2_zsre):
         c = mod.get_config()
         assert tuple(c.layers) == tuple(t["layers"]) and c.stage1.lr == t["lr"] and c.stage1.steps == t["steps"]
+
+
+def test_fingerprint_default_precision_matches_older_checkpoints():
+    """A checkpoint written before ``stats.precision`` existed still resumes; another precision does not."""
+    from configs.smollm2_cf import get_config
+
+    c = get_config()
+    assert c.stats.precision == "highest"
+    old = c.to_dict()
+    del old["stats"]["precision"]
+    fp_old = json.loads(json.dumps({k: old.get(k) for k in ("model", "dtype", "data", "method", "batch_size",
+                                                             "layers", "stage1", "editor", "metake", "stats",
+                                                             "templates", "seed")}, default=str))
+    assert runner._diff(runner._fingerprint(c), fp_old) == []
+    c.stats.precision = "default"
+    assert runner._diff(runner._fingerprint(c), fp_old) == ["stats.precision: checkpoint None vs config 'default'"]

@@ -208,6 +208,22 @@ def test_layer_stats_cache(model, tmp_path):
         S.layer_stats(cfg, params, tok, LAYERS, spec, compute=False, **kw)
 
 
+def test_precision_option(model, docs, tmp_path):
+    """Each Σ k kᵀ precision matches the torch float64 oracle; only non-"highest" choices get their own file."""
+    m, cfg, params = model
+    batches = S.make_batches(docs, max_len=MAX_LEN, token_budget=BUDGET)
+    want = torch_second_moment(m, docs, LAYERS)
+    for prec in ("default", "high"):
+        sums, _ = S.accumulate_second_moment(cfg, params, batches, LAYERS, precision=prec)
+        assert rel(sums[0], want[0]) <= 1e-2 and rel(sums[1], want[1]) <= 1e-2  # TF32-level on a GPU
+    with pytest.raises(ValueError, match="statistics precision must be one of"):
+        S.accumulate_second_moment(cfg, params, batches, LAYERS, precision="tf32")
+    hi, lo = S.stats_key("m", 1, "c", 8, 64), S.stats_key("m", 1, "c", 8, 64, precision="default")
+    assert "precision" not in hi and lo["precision"] == "default"
+    assert S.stats_path(tmp_path, hi).name == "layer1_float32_mom2_n8_len64.npz"
+    assert S.stats_path(tmp_path, lo).name == "layer1_float32_default_mom2_n8_len64.npz"
+
+
 # ----------------------------------------------------------------------------- corpora
 
 
