@@ -64,8 +64,9 @@ __all__ = [
 
 STATS_DTYPE = "float32"
 # matmul precision of the Σ k kᵀ einsum: "highest" = true float32 (the reference: torch float32,
-# TF32 off); "high" / "default" let a GPU use TF32 / bf16 passes (several times faster at d_k = 16384,
-# bench/RESULTS.md "Statistics (GPU)"); the cache key records any choice other than "highest".
+# TF32 off); "high" / "default" let a GPU use TF32 / bf16 passes (at "highest" the d_k² outer products
+# took ~2/3 of the statistics pass on an H100 at GPT-J shape: bench/RESULTS.md "GPU, second loan");
+# the cache key records any choice other than "highest".
 PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
               "default": jax.lax.Precision.DEFAULT}
 
