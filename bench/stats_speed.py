@@ -132,10 +132,10 @@ def main() -> None:
     if "eigh" not in skip or "alphaedit" not in skip or "memit" not in skip:
         A = jax.random.normal(jax.random.PRNGKey(0), (d_k, d_k), jnp.float32) / np.sqrt(d_k)
         C0 = jax.block_until_ready(A @ A.T * 0.05)  # on device: d_k = 16384 is 4 TFLOP
-    if "eigh" not in skip:
-        _eigh(C0, layers, lines)
+    P = _eigh(C0, layers, lines) if "eigh" not in skip else None
     if "alphaedit" not in skip or "memit" not in skip:
-        P = nullspace_projector(C0) if "alphaedit" not in skip else None
+        if P is None and "alphaedit" not in skip:
+            P = nullspace_projector(C0)
         _solves(cfg, C0, P, args.n_req, rng, skip, lines)
 
     if args.results is not None:
@@ -158,18 +158,19 @@ def _mixed_pass(cfg, params, args, rng, layers, lines) -> None:
                  f"(compile of all buckets {t_c:.1f} s)")
 
 
-def _eigh(C0, layers, lines) -> None:
-    """Projector eigendecomposition at d_k: one layer, then the per-layer stack."""
+def _eigh(C0, layers, lines):
+    """Projector eigendecomposition at d_k: one layer, then the per-layer stack. Returns that layer's P."""
     d_k = C0.shape[0]
     nullspace_projector(C0).block_until_ready()  # compile
     t0 = time.perf_counter()
-    nullspace_projector(C0).block_until_ready()
+    P = nullspace_projector(C0).block_until_ready()
     lines.append(f"nullspace_projector (eigh + P) d_k={d_k}: {time.perf_counter() - t0:.2f} s per layer")
     stack = jnp.stack([C0] * len(layers))
     projectors_for_layers(stack)[0].block_until_ready()
     t0 = time.perf_counter()
     projectors_for_layers(stack)[0].block_until_ready()
     lines.append(f"projectors_for_layers, {len(layers)} layers, d_k={d_k}: {time.perf_counter() - t0:.2f} s")
+    return P
 
 
 def _solves(cfg, C0, P, n_req, rng, skip, lines) -> None:

@@ -42,6 +42,7 @@ from metake_jax.editor import EditConfig, EditState, edit_batch, init_state
 from metake_jax.errors import EditError, RequestError
 from metake_jax.metake import MetaKEConfig
 from metake_jax.requests import Case
+from metake_jax.stats import PRECISIONS
 from metake_jax.targets import StageIConfig
 from metake_jax.write import EditorConfig
 from models.config import ModelConfig
@@ -87,6 +88,9 @@ def edit_config(c: Any) -> EditConfig:
     method = c.method
     if method not in METHODS:
         raise RunError(f"config.method={method!r} is not one of {', '.join(METHODS)}")
+    precision = str(_get(c, "stats.precision", "highest"))
+    if precision not in PRECISIONS:  # checked before the model loads, not at the statistics pass
+        raise RunError(f"config.stats.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     inner = "memit" if method in ("memit", "metake_memit") else "alphaedit"
     solve = _get(c, "editor.solve_dtype") or ("float64" if inner == "memit" else "float32")
     editor = EditorConfig(method=inner, l2=float(c.editor.l2),

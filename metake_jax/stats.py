@@ -421,9 +421,9 @@ def _safe(s: str) -> str:
 
 def stats_path(cache_dir: str | os.PathLike, key: dict[str, Any]) -> Path:
     """``{cache_dir}/{model_id}/{corpus_id}/layer{l}_{dtype}_mom2_n{n_samples}_len{max_len}.npz``."""
+    prec = f"_{key['precision']}" if "precision" in key else ""
     return (Path(cache_dir) / _safe(key["model_id"]) / _safe(key["corpus_id"])
-            / f"layer{key['layer']}_{key['dtype']}{'_' + key['precision'] if 'precision' in key else ''}"
-              f"_mom2_n{key['n_samples']}_len{key['max_len']}.npz")
+            / f"layer{key['layer']}_{key['dtype']}{prec}_mom2_n{key['n_samples']}_len{key['max_len']}.npz")
 
 
 def load_layer_stats(path: str | os.PathLike, key: dict[str, Any] | None = None

@@ -178,3 +178,6 @@ def test_fingerprint_default_precision_matches_older_checkpoints():
     assert runner._diff(runner._fingerprint(c), fp_old) == []
     c.stats.precision = "default"
     assert runner._diff(runner._fingerprint(c), fp_old) == ["stats.precision: checkpoint None vs config 'default'"]
+    c.stats.precision = "tf32"  # refused at config time, naming the field
+    with pytest.raises(runner.RunError, match=r"config.stats.precision='tf32' is not one of highest, high, default"):
+        runner.edit_config(c)
