@@ -235,14 +235,23 @@ def layer_statistics(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, mode
                        precision=str(_get(c, "stats.precision", "highest")))
 
 
+# Fingerprint fields added after run checkpoints already existed, with the value those older runs implied.
+_ADDED_LATER: dict[str, Any] = {"stats.precision": "highest"}
+
+
 def _fingerprint(c: Any) -> dict[str, Any]:
     """The config fields that determine the edited weights (must match on resume)."""
     d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
     keep = ("model", "dtype", "data", "method", "batch_size", "layers", "stage1", "editor", "metake", "stats",
             "templates", "seed")
     fp = json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
-    if isinstance(fp.get("stats"), dict) and fp["stats"].get("precision") == "highest":
-        del fp["stats"]["precision"]  # the default; checkpoints written before the field existed still resume
+    for path, default in _ADDED_LATER.items():  # at their defaults, later fields leave older checkpoints resumable
+        *parents, leaf = path.split(".")
+        node = fp
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(leaf) == default:
+            del node[leaf]
     return fp
 
 
