@@ -88,7 +88,7 @@ def edit_config(c: Any) -> EditConfig:
     method = c.method
     if method not in METHODS:
         raise RunError(f"config.method={method!r} is not one of {', '.join(METHODS)}")
-    precision = str(_get(c, "stats.precision", "highest"))
+    precision = _stats_precision(c)
     if precision not in PRECISIONS:  # checked before the model loads, not at the statistics pass
         raise RunError(f"config.stats.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     inner = "memit" if method in ("memit", "metake_memit") else "alphaedit"
@@ -232,11 +232,16 @@ def layer_statistics(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, mode
                        n_samples=int(s.n_samples), max_len=int(s.max_len),
                        cache_dir=stats_cache_dir(c), model_id=model_id,
                        token_budget=int(_get(c, "stats.token_budget", 8192)),
-                       precision=str(_get(c, "stats.precision", "highest")))
+                       precision=_stats_precision(c))
 
 
 # Fingerprint fields added after run checkpoints already existed, with the value those older runs implied.
 _ADDED_LATER: dict[str, Any] = {"stats.precision": "highest"}
+
+
+def _stats_precision(c: Any) -> str:
+    """``config.stats.precision`` (configs written before the field existed mean "highest")."""
+    return str(_get(c, "stats.precision", _ADDED_LATER["stats.precision"]))
 
 
 def _fingerprint(c: Any) -> dict[str, Any]:
