@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # benchmark data lives beside the repo, never inside it
 
 METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
-           "metake_stopgrad")
+           "metake_stopgrad", "metake_ungated")
 
 
 def data_path(relative: str) -> str:
@@ -70,10 +70,13 @@ def get_config() -> ConfigDict:
     # MetaKE refinement (METHOD.md §6); used by the metake* methods
     c.metake = ConfigDict()
     c.metake.steps = 15  # T outer steps
-    c.metake.lr = 0.5  # η
+    c.metake.lr = 0.5  # η, in residual units with anchor=relative (see metake_jax/metake.py)
     c.metake.gate = "structural"  # structural | keyonly (set by method=metake_keyonly)
-    c.metake.stop_grad = False  # set by method=metake_stopgrad
-    c.metake.weights = ConfigDict(dict(edit=1.0, loc=1.0, anchor=1.0))
+    c.metake.feedback = "gated"  # gated | stopgrad | ungated (set by method=metake_stopgrad / metake_ungated)
+    c.metake.anchor = "relative"  # relative: ‖z−z⁰‖²/‖r⁰‖², steps in residual units (scale-invariant) | absolute: literal
+    c.metake.line_search = True  # Armijo backtracking per request (ℓ_meta never rises)
+    c.metake.max_halvings = 8
+    c.metake.weights = ConfigDict(dict(edit=1.0, loc=1.0, anchor=1.0))  # a = weights.anchor: the trade-off knob
     c.metake.prompts = "all"  # all | bare: rows scoring the virtual model (bare + KL prompt: ~3.5x cheaper)
 
     # ---------------------------------------------------------------- layer statistics C0 (REFERENCE.md §3)

@@ -5,8 +5,11 @@
 increments, each step recomputing keys and H_L under the current weights).  ``jax.grad`` of F
 differentiates through every forward pass and every solve.
 
-Diagnostics per request (C.5): cos(g_proxy, g_exact); one-step relative reduction of F (basis
-points) for Z − η g with g ∈ {exact, proxy, key-only, none}; leakage ratio ρ and proxy gap ε.
+Diagnostics per request (C.5): cos(g_proxy, g_exact), cos(g_final, g_exact), cos(g_proxy, g_final);
+one-step relative reduction of F (basis points) for g ∈ {exact, proxy, key-only, none}, at the same η
+(the refinement's step ``Z − η s_i g``) and at equal step length (every direction normalised to the
+proxy step's length); leakage ratio ρ and proxy gap ε.  The anchor is MetaKE's (relative or
+absolute, ``metake.anchor_term``).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from metake_jax.batch import EditBatch
-from metake_jax.metake import MetaKEConfig, meta_loss, prepare_lookahead, virtual_losses
+from metake_jax.keys import keys_and_hidden
+from metake_jax.metake import MetaKEConfig, anchor_scale, anchor_term, meta_loss, prepare_lookahead, virtual_losses
 from metake_jax.targets import edit_and_loc_losses, gather_positions, lower_hidden
 from metake_jax.write import EditorConfig, LayerStats, multilayer_write
 from models.config import ModelConfig
@@ -30,12 +34,14 @@ Array = jax.Array
 class ExactContext(NamedTuple):
     h_in: Array  # (R, T, d) hidden states entering the first edited layer
     logp_init: Array  # (R, V)
+    H_L: Array  # (d, n_pad) unedited block-L output at the subject's last token (for the anchor unit)
 
 
 def prepare_exact(cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...]) -> ExactContext:
     h_in = lower_hidden(cfg, params, batch, layers[0])
     lp = _post_edit_logits(cfg, params, batch, layers, h_in, None)[1]
-    return ExactContext(h_in=h_in, logp_init=jax.nn.log_softmax(lp, axis=-1))
+    _, H = keys_and_hidden(cfg, params, batch, layers)
+    return ExactContext(h_in=h_in, logp_init=jax.nn.log_softmax(lp, axis=-1), H_L=H)
 
 
 def _post_edit_logits(cfg, params, batch, layers, h_in, deltas):
@@ -61,9 +67,10 @@ def exact_task_losses(
 
 
 def exact_F(cfg, params, batch, layers, stats, ecfg, ectx, Z, Z0, mcfg=MetaKEConfig()) -> Array:
-    """Per-request F(Z) (task loss after the full write + anchor ‖z_i − z_i⁽⁰⁾‖²)."""
+    """Per-request F(Z) (task loss after the full write + a · anchor, METHOD.md §6–§7)."""
     task = exact_task_losses(cfg, params, batch, layers, stats, ecfg, ectx, Z, mcfg=mcfg)
-    return task + mcfg.anchor_weight * jnp.sum(jnp.square(Z - Z0), axis=0)
+    scale = anchor_scale(Z0, ectx.H_L, batch.valid, mcfg)
+    return task + mcfg.anchor_weight * anchor_term(Z, Z0, scale)
 
 
 @partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
@@ -84,7 +91,10 @@ def proxy_hypergradient(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg=Met
 
 class Diagnostics(NamedTuple):
     cos: Array  # (n_pad,) cos(g_proxy, g_exact) per request (full ℓ_meta gradients)
-    reduction_bp: Array  # (4, n_pad) one-step relative reduction of F_i: exact, proxy, keyonly, none
+    cos_final_exact: Array  # (n_pad,) cos(g_final, g_exact): what the earlier layers' paths change
+    cos_proxy_final: Array  # (n_pad,) cos(g_proxy, g_final): the final layer's linearisation point
+    reduction_bp: Array  # (4, n_pad) one-step relative reduction of F_i at the same η: exact, proxy, keyonly, none
+    reduction_eq_bp: Array  # (4, n_pad) the same at equal step length (each = the proxy step's length)
     leakage: Array  # (n_pad,) ρ = ‖g_nonfinal‖ / ‖g_final‖
     proxy_gap: Array  # (n_pad,) ε = ‖g_final − g_proxy,med‖ / ‖g_proxy,med‖
     F0: Array  # (n_pad,) F_i at Z
@@ -125,37 +135,63 @@ def _F_per(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg):
     return exact_F(cfg, params, batch, layers, stats, ecfg, ectx, Z, Z0, mcfg)
 
 
+@partial(jax.jit, static_argnames=("cfg", "layers", "mcfg"))
+def _anchor_unit(cfg, params, batch, Z0, layers, mcfg):
+    """The anchor unit s_i (n_pad,) on the unedited model (``metake.anchor_scale``)."""
+    _, H = keys_and_hidden(cfg, params, batch, layers)
+    return anchor_scale(Z0, H, batch.valid, mcfg)
+
+
+def _cos(a: Array, b: Array) -> Array:
+    """Per-column cosine (n_pad,) of two (d, n_pad) arrays (0 where either column is 0)."""
+    nrm = jnp.linalg.norm(a, axis=0) * jnp.linalg.norm(b, axis=0)
+    return jnp.sum(a * b, axis=0) / jnp.maximum(nrm, 1e-30)
+
+
 def diagnostics(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z: Array, Z0: Array, layers: tuple[int, ...],
     stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig, eta: float,
 ) -> Diagnostics:
-    """All §7 diagnostics at Z (usually the Stage I output, with Z0 = Z).
+    """All §7 diagnostics at Z (usually the Stage I output, with Z0 = Z); shapes as ``Diagnostics``.
 
-    Each gradient / evaluation is its own jitted computation so that peak memory is that of one
-    backward pass through the multi-layer write, not of all of them at once.
+    The step of a direction g at "the same η" is the refinement's ``z_i − η s_i g_i`` (s_i the anchor
+    unit, ``metake.anchor_scale``); at "equal step length" every direction is normalised per request
+    to the proxy step's length η s_i ‖g_proxy,i‖.  ``g_final`` is the exact task gradient with the
+    non-final layers' dependence on Z stopped, plus the anchor gradient.  Each gradient / evaluation
+    is its own jitted computation so that peak memory is that of one backward pass through the
+    multi-layer write, not of all of them at once.
     """
     m = len(layers)
     valid = batch.valid
-    g_anchor = 2.0 * mcfg.anchor_weight * (Z - Z0) * valid
+    scale = _anchor_unit(cfg, params, batch, Z0, layers, mcfg)
+    g_anchor = 2.0 * mcfg.anchor_weight * (Z - Z0) / scale * valid
     g_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, jnp.zeros((m,)))
     sg = jnp.concatenate([jnp.ones((m - 1,)), jnp.zeros((1,))])
-    g_final = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, sg)
+    g_final_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, sg)
     g_exact = g_task + g_anchor
-    g_nonfinal = g_task - g_final
+    g_final = g_final_task + g_anchor
+    g_nonfinal = g_task - g_final_task
     g_proxy_med = _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg)
     g_proxy = g_proxy_med + g_anchor
     key_cfg = dataclasses.replace(mcfg, gate="keyonly")
     g_key = _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, key_cfg) + g_anchor
 
     nrm = lambda x: jnp.linalg.norm(x, axis=0)  # noqa: E731
-    cos = jnp.sum(g_proxy * g_exact, 0) / jnp.maximum(nrm(g_proxy) * nrm(g_exact), 1e-30)
     F0 = _F_per(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg)
-    red = []
+    length = eta * scale * nrm(g_proxy)  # (n_pad,) the proxy step's length
+
+    def reduction(step: Array) -> Array:
+        F1 = _F_per(cfg, params, batch, Z - step * valid, Z0, layers, stats, ecfg, mcfg)
+        return (F0 - F1) / jnp.maximum(jnp.abs(F0), 1e-30) * 1e4
+
+    red, red_eq = [], []
     for g in (g_exact, g_proxy, g_key, jnp.zeros_like(Z)):
-        F1 = _F_per(cfg, params, batch, Z - eta * g * valid, Z0, layers, stats, ecfg, mcfg)
-        red.append((F0 - F1) / jnp.maximum(jnp.abs(F0), 1e-30) * 1e4)
+        red.append(reduction(eta * scale * g))
+        red_eq.append(reduction(length * g / jnp.maximum(nrm(g), 1e-30)))
     return Diagnostics(
-        cos=cos, reduction_bp=jnp.stack(red), leakage=nrm(g_nonfinal) / jnp.maximum(nrm(g_final), 1e-30),
-        proxy_gap=nrm(g_final - g_proxy_med) / jnp.maximum(nrm(g_proxy_med), 1e-30), F0=F0,
+        cos=_cos(g_proxy, g_exact), cos_final_exact=_cos(g_final, g_exact), cos_proxy_final=_cos(g_proxy, g_final),
+        reduction_bp=jnp.stack(red), reduction_eq_bp=jnp.stack(red_eq),
+        leakage=nrm(g_nonfinal) / jnp.maximum(nrm(g_final_task), 1e-30),
+        proxy_gap=nrm(g_final_task - g_proxy_med) / jnp.maximum(nrm(g_proxy_med), 1e-30), F0=F0,
         g_exact=g_exact, g_proxy=g_proxy,
     )

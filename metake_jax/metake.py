@@ -1,23 +1,34 @@
 """MetaKE: bi-level refinement of the targets through the Structural Gradient Proxy (METHOD.md §6).
 
-Per batch, the gate ``G`` of the final edited layer ``L`` is computed once and frozen.  The
-virtual look-ahead ``Δ_L(Z) = (Z − H_L) K_Lᵀ G`` (eq. 8) changes layer L's FFN output weight, and
-the virtual model (that weight at every position) is scored with
+Per batch, the gate ``G`` of the final edited layer ``L`` is computed once and frozen; the
+look-ahead only ever needs it as ``B = K_Lᵀ G`` (n_req × d_key), so that product is formed once and
+the virtual increment ``Δ_L(Z) = (Z − H_L) B`` (eq. 8) costs one (d_model × n_req)·(n_req × d_key)
+product per step.  The virtual model (that weight at every position) is scored with
 
-    ℓ_meta(Z) = ℓ_edit + ℓ_loc + ‖Z − Z⁽⁰⁾‖²            (eq. 7, unit weights by default)
+    ℓ_meta,i(Z) = ℓ_edit,i + ℓ_loc,i + a · ‖z_i − z⁰_i‖² / s_i                 (eq. 7)
 
-``jax.grad`` of ℓ_meta through the closed form *is* the proxy gradient (eq. 9).  T outer steps
-``Z ← Z − η ∇ℓ_meta`` run inside one ``lax.scan``.
+and ``jax.grad`` of Σ_i ℓ_meta,i through the closed form *is* the proxy gradient (eq. 9).
+
+Units (METHOD.md §6 "Units"): with ``anchor="relative"`` (default) ``s_i = ‖r⁰_i‖²``, the squared
+planned residual ``r⁰_i = z⁰_i − h_L,i``, and the outer step is gradient descent in residual units,
+``z_i ← z_i − η_i s_i g_i``; the refined Z is then invariant under a rescaling of the residual
+stream.  ``anchor="absolute"`` is the literal reading (``s_i = 1``: anchor in hidden-state units,
+``z_i ← z_i − η g_i``).  With ``line_search=True`` each request's step η_i starts at η and is halved
+(Armijo, c = 1e-4) until every request's ℓ_meta,i decreases sufficiently at the joint trial point —
+so ℓ_meta,i never rises along the scan; a request whose step falls below ``η·2^-max_halvings`` stays
+where it is.  T outer steps run inside one ``lax.scan``; an accepted trial's loss and gradient are
+reused by the next step, so a step whose first trial is accepted costs one value-and-gradient, as
+plain gradient descent does.
 
 Ablations (Table 2) are switches of ``MetaKEConfig``:
-* ``steps=0``                 — w/o bi-level (plain AlphaEdit / MEMIT targets);
-* ``gate="keyonly"``          — w/o structural gate: ``(K_L K_Lᵀ + λI)⁻¹`` (P_L and C_p dropped);
-* ``stop_grad=True``          — stop-grad feedback: the loss is evaluated on the virtual model but
-  ``Δ_L`` is detached; the gradient then reaches Z straight through the subject-position
-  representation (Z enters as ``Z − sg(Z)`` added at the subject's last token of layer L), i.e.
-  the task signal without the gate.  (The paper gives no formula for this variant; this is our
-  reading: with Δ_L detached and nothing else, ∇_Z ℓ_meta would be the anchor term alone.)
-``inner="memit"`` uses the MEMIT gate ``(λC₀ + KKᵀ)⁻¹`` (MetaKE over MEMIT).
+* ``steps=0``              — w/o bi-level (plain AlphaEdit / MEMIT targets);
+* ``gate="keyonly"``       — w/o structural gate: ``(K_L K_Lᵀ + λI)⁻¹`` (P_L and C_p dropped);
+* ``feedback="stopgrad"``  — stop-grad feedback: the virtual forward pass runs but ``Δ_L`` is
+  detached, so only the anchor's gradient is left and Z⁽ᵀ⁾ = Z⁽⁰⁾ (the paper's stop-grad ≈ T = 0);
+* ``feedback="ungated"``   — ungated feedback: ``Δ_L`` detached, and the task gradient reaches Z
+  straight through the subject-position representation (Z enters as ``Z − sg(Z)`` added at the
+  subject's last token of layer L), i.e. the task signal without the gate.
+``EditorConfig.method="memit"`` uses the MEMIT gate ``(λC₀ + KKᵀ)⁻¹`` (MetaKE over MEMIT).
 """
 from __future__ import annotations
 
@@ -39,48 +50,67 @@ from models.interface import WDeltas
 
 Array = jax.Array
 
+ANCHORS = ("relative", "absolute")
+FEEDBACKS = ("gated", "stopgrad", "ungated")
+GATES = ("structural", "keyonly")
+ARMIJO_C = 1e-4  # sufficient-decrease constant of the backtracking line search
+
 
 @dataclasses.dataclass(frozen=True)
 class MetaKEConfig:
+    """Hyper-parameters of the refinement (METHOD.md §6).
+
+    ``lr`` (η) is in residual units with ``anchor="relative"`` (a step of η moves z_i by
+    η‖r⁰_i‖²‖g_i‖) and in hidden-state units per unit gradient with ``anchor="absolute"``.
+    """
+
     steps: int = 15  # T (paper Table 3)
-    lr: float = 0.5  # η (tuned on SmolLM2; see bench/RESULTS.md)
+    lr: float = 0.5  # η
     gate: str = "structural"  # "structural" | "keyonly"
-    stop_grad: bool = False
+    feedback: str = "gated"  # "gated" | "stopgrad" | "ungated"
+    anchor: str = "relative"  # "relative" (scale-invariant, default) | "absolute" (literal reading)
+    line_search: bool = True  # Armijo backtracking per request: ℓ_meta,i never rises
+    max_halvings: int = 8
     edit_weight: float = 1.0
     loc_weight: float = 1.0
-    anchor_weight: float = 1.0
+    anchor_weight: float = 1.0  # a
     # Which rewriting prompts score ℓ_edit on the virtual model: "all" context templates (as
     # Stage I) or only the "bare" prompt (plus the KL prompt) — 7→2 rows per request, a ~3.5×
     # cheaper look-ahead.
     prompts: str = "all"
 
     def __post_init__(self) -> None:
-        if self.gate not in ("structural", "keyonly"):
-            raise ValueError(f"unknown MetaKE gate {self.gate!r} (structural | keyonly)")
-        if self.prompts not in ("all", "bare"):
-            raise ValueError(f"unknown MetaKE prompts {self.prompts!r} (all | bare)")
+        for field, allowed in (("gate", GATES), ("feedback", FEEDBACKS), ("anchor", ANCHORS),
+                               ("prompts", ("all", "bare"))):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"metake.{field}={getattr(self, field)!r} is not one of {' | '.join(allowed)}")
+        if self.steps < 0 or self.max_halvings < 0:
+            raise ValueError(f"metake.steps and metake.max_halvings must be >= 0, got {self.steps}, "
+                             f"{self.max_halvings}")
+        if not self.lr > 0 or self.anchor_weight < 0:
+            raise ValueError(f"metake.lr must be > 0 and metake.weights.anchor >= 0, got {self.lr}, "
+                             f"{self.anchor_weight}")
 
 
 class LookaheadContext(NamedTuple):
     """Everything the virtual look-ahead needs, frozen for the batch."""
 
-    G: Array  # (d_k, d_k) gate of layer L
-    K_L: Array  # (d_k, n_pad)
-    H_L: Array  # (d, n_pad)
+    B: Array  # (n_pad, d_k) K_Lᵀ G: the gate of layer L as it acts on this batch's keys
+    H_L: Array  # (d, n_pad) block-L output at the subject's last token (bare prompt)
     h_in: Array  # (R, T, d) hidden states entering L
     logp_init: Array  # (R, V) pre-edit log-probs at each row's subject-last token
 
 
 def frozen_gate(K_L: Array, stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig) -> Array:
-    """G of the final edited layer (slot m-1), or the key-only ablation gate."""
+    """G (d_k, d_k) of the final edited layer (slot m-1), or the key-only ablation gate."""
     if mcfg.gate == "keyonly":
         return editors.keyonly_gate(K_L, ecfg.l2)
     return editor_gate(K_L, stats.Cp.shape[0] - 1, stats, ecfg)
 
 
 def lookahead_increment(ctx: LookaheadContext, Z: Array, valid: Array) -> Array:
-    """Virtual look-ahead Δ_L(Z)ᵀ = ((Z − H_L) K_Lᵀ G)ᵀ in the (d_k, d) kernel layout (eq. 8)."""
-    return editors.increment_from_gate(ctx.K_L, (Z - ctx.H_L) * valid, ctx.G)
+    """Virtual look-ahead Δ_L(Z)ᵀ = ((Z − H_L) K_Lᵀ G)ᵀ = ((Z − H_L) B)ᵀ, (d_k, d) kernel layout (eq. 8)."""
+    return ((Z - ctx.H_L) * valid @ ctx.B).T
 
 
 def prepare_lookahead(
@@ -94,21 +124,37 @@ def prepare_lookahead(
     K, H = keys_and_hidden(cfg, params, batch, layers)
     h_in = lower_hidden(cfg, params, lb, L)
     _, logits_k0 = upper_logits(cfg, params, lb, h_in, L)
+    G = frozen_gate(K[-1], stats, ecfg, mcfg)
     return LookaheadContext(
-        G=frozen_gate(K[-1], stats, ecfg, mcfg), K_L=K[-1], H_L=H, h_in=h_in,
-        logp_init=jax.nn.log_softmax(logits_k0, axis=-1),
+        B=(K[-1].T @ G).astype(H.dtype), H_L=H, h_in=h_in, logp_init=jax.nn.log_softmax(logits_k0, axis=-1),
     )
+
+
+def anchor_scale(Z0: Array, H_L: Array, valid: Array, mcfg: MetaKEConfig) -> Array:
+    """Per-request unit ``s_i`` (n_pad,) of the anchor and of the outer step: ‖z⁰_i − h_L,i‖²
+    (``anchor="relative"``; floored at a tiny positive value) or 1 (``"absolute"``).  Padding: 1."""
+    if mcfg.anchor == "absolute":
+        return jnp.ones_like(valid)
+    s = jnp.sum(jnp.square(Z0 - H_L), axis=0)
+    tiny = jnp.finfo(s.dtype).tiny ** 0.5
+    return jnp.where(valid > 0, jnp.maximum(s, tiny), 1.0)
+
+
+def anchor_term(Z: Array, Z0: Array, scale: Array) -> Array:
+    """Per-request anchor ‖z_i − z⁰_i‖² / s_i (n_pad,) — METHOD.md §6."""
+    return jnp.sum(jnp.square(Z - Z0), axis=0) / scale
 
 
 def virtual_losses(
     cfg: ModelConfig, params: Any, batch: EditBatch, L: int, ctx: LookaheadContext, Z: Array,
     mcfg: MetaKEConfig,
 ) -> tuple[Array, Array]:
-    """Per-request (ℓ_edit, ℓ_loc) on the virtual model W_L + Δ_L(Z)."""
+    """Per-request (ℓ_edit, ℓ_loc) (n_pad,) on the virtual model W_L + Δ_L(Z)."""
     inc = lookahead_increment(ctx, Z, batch.valid)
     delta_rows = None
-    if mcfg.stop_grad:
+    if mcfg.feedback != "gated":
         inc = jax.lax.stop_gradient(inc)
+    if mcfg.feedback == "ungated":
         delta_rows = rows_of(batch, (Z - jax.lax.stop_gradient(Z)).T)
     logits_t, logits_k = upper_logits(
         cfg, params, batch, ctx.h_in, L, delta_rows=delta_rows, w_out=WDeltas((L,), inc[None]),
@@ -118,18 +164,84 @@ def virtual_losses(
 
 def meta_loss(
     cfg: ModelConfig, params: Any, batch: EditBatch, L: int, ctx: LookaheadContext, Z: Array,
-    Z0: Array, mcfg: MetaKEConfig,
+    Z0: Array, mcfg: MetaKEConfig, scale: Array | None = None,
 ) -> tuple[Array, Array]:
-    """ℓ_meta summed over real requests, and the per-request values (eq. 7)."""
+    """ℓ_meta summed over real requests, and the per-request values (n_pad,) (eq. 7).
+
+    ``scale``: the anchor unit s_i (``anchor_scale``); default computed from ``Z0`` and ``ctx.H_L``.
+    """
+    if scale is None:
+        scale = anchor_scale(Z0, ctx.H_L, batch.valid, mcfg)
     edit, loc = virtual_losses(cfg, params, batch, L, ctx, Z, mcfg)
-    anchor = jnp.sum(jnp.square(Z - Z0), axis=0)
-    per = mcfg.edit_weight * edit + mcfg.loc_weight * loc + mcfg.anchor_weight * anchor
+    per = (mcfg.edit_weight * edit + mcfg.loc_weight * loc
+           + mcfg.anchor_weight * anchor_term(Z, Z0, scale))
     return jnp.sum(per * batch.valid), per
 
 
 class RefineResult(NamedTuple):
     Z: Array  # (d, n_pad) refined targets Z^(T)
-    losses: Array  # (T + 1, n_pad) per-request ℓ_meta along the refinement (last: at Z^(T))
+    losses: Array  # (T + 1, n_pad) per-request ℓ_meta along the refinement (first: at Z⁰, last: at Z^(T))
+    step_sizes: Array  # (T, n_pad) accepted η_i per outer step (0: the request did not move)
+    move: Array  # (n_pad,) ‖z_i^(T) − z⁰_i‖ / ‖r⁰_i‖ (relative move; 0 for padding)
+
+
+def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: MetaKEConfig):
+    """T outer steps ``z_i ← z_i − η_i s_i g_i`` with per-request Armijo backtracking, one ``lax.scan``.
+
+    ``loss_and_grad(Z) -> (per-request ℓ (n_pad,), ∇_Z Σ_i valid_i ℓ_i (d, n_pad))``.
+    Returns (Z^(T), ℓ along the path (T+1, n_pad), accepted η_i (T, n_pad)).
+
+    A trial moves every request at once (the look-ahead couples them through Δ_L); requests whose
+    ℓ_i did not fall by ``c η_i s_i ‖g_i‖²`` halve their η_i and all are tried again (if a request
+    already at η_i = 0 got worse, everybody halves).  η_i below ``η·2^-max_halvings`` becomes 0; if
+    the budget of rounds is spent with any request failing, nobody moves in that step — so ℓ_i
+    never rises.
+    """
+    eta0 = mcfg.lr
+    eta_min = eta0 * 0.5 ** mcfg.max_halvings
+    max_rounds = (mcfg.max_halvings + 1) * 2
+
+    def trial(Z, eta, g):
+        return Z - (eta * scale)[None, :] * g
+
+    def step(carry, _):
+        Z, per, g = carry
+        gsq = jnp.sum(jnp.square(g), axis=0) * scale  # s_i ‖g_i‖²
+        if not mcfg.line_search:
+            eta = jnp.full_like(per, eta0) * valid
+            Zn = trial(Z, eta, g)
+            pn, gn = loss_and_grad(Zn)
+            return (Zn, pn, gn), (pn, eta)
+
+        def failing(eta, pn):  # a request at η_i = 0 fails if the others' moves raised its ℓ_i
+            return (valid > 0) & (pn > per - ARMIJO_C * eta * gsq)
+
+        def cond(s):
+            eta, pn, gn, r = s
+            return jnp.any(failing(eta, pn)) & (r < max_rounds)
+
+        def body(s):
+            eta, pn, gn, r = s
+            bad = failing(eta, pn)
+            stuck = jnp.any(bad & (eta == 0))  # only the others can help it: everybody halves
+            eta = jnp.where(bad | stuck, eta * 0.5, eta)
+            eta = jnp.where(eta < eta_min, 0.0, eta)
+            pn, gn = loss_and_grad(trial(Z, eta, g))
+            return eta, pn, gn, r + 1
+
+        eta = jnp.full_like(per, eta0) * valid
+        pn, gn = loss_and_grad(trial(Z, eta, g))
+        eta, pn, gn, _ = jax.lax.while_loop(cond, body, (eta, pn, gn, jnp.asarray(0)))
+        ok = ~jnp.any(failing(eta, pn))
+        eta = jnp.where(ok, eta, 0.0)
+        Zn = jnp.where(ok, trial(Z, eta, g), Z)
+        pn = jnp.where(ok, pn, per)
+        gn = jnp.where(ok, gn, g)
+        return (Zn, pn, gn), (pn, eta)
+
+    per0, g0 = loss_and_grad(Z0)
+    (Z, _, _), (curve, etas) = jax.lax.scan(step, (Z0, per0, g0), None, length=mcfg.steps)
+    return Z, jnp.concatenate([per0[None], curve], axis=0), etas
 
 
 @partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
@@ -137,20 +249,23 @@ def refine_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z0: Array, layers: tuple[int, ...],
     stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
 ) -> RefineResult:
-    """T steps of Z ← Z − η ∇_Z ℓ_meta with the frozen gate (Algorithm 1), one jitted scan.
+    """T outer steps on ℓ_meta with the frozen gate (Algorithm 1, METHOD.md §6), one jitted scan.
 
-    ``look_batch``: the rows scoring the virtual model (``select_rows`` of ``batch``), default all.
+    Z0 (d_model, n_pad) are the Stage I targets; ``look_batch``: the rows scoring the virtual model
+    (``select_rows`` of ``batch``), default all.
     """
     chex.assert_shape(Z0, (cfg.d_model, batch.valid.shape[0]))
     L = layers[-1]
     lb = batch if look_batch is None else look_batch
     ctx = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, mcfg, lb)
-    grad_fn = jax.value_and_grad(lambda z: meta_loss(cfg, params, lb, L, ctx, z, Z0, mcfg), has_aux=True)
+    scale = anchor_scale(Z0, ctx.H_L, batch.valid, mcfg)
+    vg = jax.value_and_grad(lambda z: meta_loss(cfg, params, lb, L, ctx, z, Z0, mcfg, scale), has_aux=True)
 
-    def step(Z, _):
-        (_, per), g = grad_fn(Z)
-        return Z - mcfg.lr * g * batch.valid, per
+    def loss_and_grad(Z):
+        (_, per), g = vg(Z)
+        return per, g * batch.valid
 
-    Z, curve = jax.lax.scan(step, Z0, None, length=mcfg.steps)
-    _, last = meta_loss(cfg, params, lb, L, ctx, Z, Z0, mcfg)
-    return RefineResult(Z=Z, losses=jnp.concatenate([curve, last[None]], axis=0))
+    Z, losses, etas = outer_steps(loss_and_grad, Z0, scale, batch.valid, mcfg)
+    r0 = jnp.sqrt(anchor_scale(Z0, ctx.H_L, batch.valid, dataclasses.replace(mcfg, anchor="relative")))
+    move = jnp.linalg.norm(Z - Z0, axis=0) / r0 * batch.valid
+    return RefineResult(Z=Z, losses=losses, step_sizes=etas, move=move)

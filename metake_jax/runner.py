@@ -50,7 +50,12 @@ from models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
-           "metake_stopgrad")
+           "metake_stopgrad", "metake_ungated")
+# method → MetaKEConfig fields it fixes (ablations of METHOD.md §6)
+_METAKE_ABLATIONS: dict[str, dict[str, Any]] = {
+    "metake_nobilevel": {"steps": 0}, "metake_keyonly": {"gate": "keyonly"},
+    "metake_stopgrad": {"feedback": "stopgrad"}, "metake_ungated": {"feedback": "ungated"},
+}
 
 __all__ = [
     "METHODS", "RunError", "RunHooks", "edit_config", "load_model_spec", "load_run_cases", "run",
@@ -107,12 +112,17 @@ def edit_config(c: Any) -> EditConfig:
     if method.startswith("metake"):
         m = c.metake
         w = _get(c, "metake.weights", {}) or {}
-        metake = MetaKEConfig(
-            steps=0 if method == "metake_nobilevel" else int(m.steps), lr=float(m.lr),
-            gate="keyonly" if method == "metake_keyonly" else str(m.gate),
-            stop_grad=True if method == "metake_stopgrad" else bool(m.stop_grad),
+        fields = dict(
+            steps=int(m.steps), lr=float(m.lr), gate=str(m.gate), feedback=str(_get(c, "metake.feedback", "gated")),
+            anchor=str(_get(c, "metake.anchor", "relative")), line_search=bool(_get(c, "metake.line_search", True)),
+            max_halvings=int(_get(c, "metake.max_halvings", 8)),
             edit_weight=float(w.get("edit", 1.0)), loc_weight=float(w.get("loc", 1.0)),
             anchor_weight=float(w.get("anchor", 1.0)), prompts=str(_get(c, "metake.prompts", "all")))
+        fields.update(_METAKE_ABLATIONS.get(method, {}))
+        try:
+            metake = MetaKEConfig(**fields)
+        except ValueError as e:
+            raise RunError(f"config.{e}") from e
     try:
         return EditConfig(layers=tuple(int(l) for l in c.layers), stage1=stage1, editor=editor, metake=metake)
     except ValueError as e:
@@ -250,6 +260,8 @@ def _fingerprint(c: Any) -> dict[str, Any]:
     keep = ("model", "dtype", "data", "method", "batch_size", "layers", "stage1", "editor", "metake", "stats",
             "templates", "seed")
     fp = json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
+    if not str(fp.get("method", "")).startswith("metake"):
+        fp.pop("metake", None)  # MetaKE fields do not change a MEMIT / AlphaEdit run
     for path, default in _ADDED_LATER.items():  # at their defaults, later fields leave older checkpoints resumable
         *parents, leaf = path.split(".")
         node = fp
@@ -483,7 +495,10 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
             log.warning("resume=True but no checkpoint in %s: starting from the base model", ckdir)
         else:
             arrays, meta = ckpt.restore(step)
-            bad = _diff(fp, meta.get("fingerprint", {}))
+            stored = dict(meta.get("fingerprint", {}))
+            if not str(stored.get("method", "")).startswith("metake"):
+                stored.pop("metake", None)  # checkpoints written before the fingerprint dropped it
+            bad = _diff(fp, stored)
             if bad:
                 raise RunError("cannot resume from " + str(ckdir / str(step)) + ": the config differs from "
                                "the checkpointed run in " + "; ".join(bad[:6]))
