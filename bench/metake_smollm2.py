@@ -2,7 +2,9 @@
 
     python bench/metake_smollm2.py grid  --n 20 --etas 0.05,0.2,0.5,1,2
     python bench/metake_smollm2.py table --n 100 --batch 20 --eta 0.5 \
-        --methods alphaedit,metake,metake_keyonly,metake_stopgrad
+        --methods alphaedit,metake,metake_keyonly,metake_stopgrad,metake_ungated
+    python bench/metake_smollm2.py grid  --n 200 --etas 0.5 --anchors 0.1,0.3,1,3 --T 15 \
+        --anchor_mode relative --out runs/anchor_sweep.json     # per-case metrics saved for intervals
     python bench/metake_smollm2.py table --n 100 --methods unedited   # the pre-edit reference row
 
 Data: the first n cases of ../shared/data/counterfact_easyedit/counterfact-edit.json when present,
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -43,7 +46,8 @@ CF = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-edi
 VARIANTS = {
     "metake": dict(),
     "metake_keyonly": dict(gate="keyonly"),
-    "metake_stopgrad": dict(stop_grad=True),
+    "metake_stopgrad": dict(feedback="stopgrad"),
+    "metake_ungated": dict(feedback="ungated"),
 }
 
 
@@ -58,11 +62,18 @@ def config(n: int, batch: int):
     return c
 
 
-def metrics(s, params, cases) -> dict:
-    ev = evaluate_counterfact(s.cfg, params, s.tokenizer, cases, batch_size=64)["summary"]
+PER_CASE = ("rewrite_success", "paraphrase_success", "neighborhood_success",
+            "rewrite_magnitude", "paraphrase_magnitude", "neighborhood_magnitude")
+
+
+def metrics(s, params, cases, per_case: bool = False) -> dict:
+    ev = evaluate_counterfact(s.cfg, params, s.tokenizer, cases, batch_size=64)
     keys = ("efficacy", "generalization", "specificity", "score",
             "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
-    return {k: ev.get(k) for k in keys}
+    out = {k: ev["summary"].get(k) for k in keys}
+    if per_case:  # for paired intervals (METHOD.md §11): per-case values in case order
+        out["per_case"] = {k: [c.get(k) for c in ev["per_case"]] for k in PER_CASE + ("case_id",)}
+    return out
 
 
 def grid(a) -> None:
@@ -72,7 +83,10 @@ def grid(a) -> None:
     hb, n = prepare_batch(s.tokenizer, reqs, s.templates)
     b = EditBatch(*map(jnp.asarray, hb))
     ec = s.edit_config
-    cache = Path(f"/tmp/metake_smollm2_z0_n{a.n}.npy")  # Stage I is the expensive part: reuse it
+    # Stage I is the expensive part: reuse it, keyed by everything that determines Z⁰
+    key = json.dumps([s.model_id, [x.case_id for x in cases], s.templates, dataclasses.asdict(ec.stage1),
+                      list(s.layers)], default=str)
+    cache = Path(f"/tmp/metake_smollm2_z0_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
     if cache.is_file():
         Z0 = jnp.asarray(np.load(cache))
     else:
@@ -80,13 +94,13 @@ def grid(a) -> None:
         Z0 = jax.block_until_ready(optimize_targets(s.cfg, s.params, b, s.layers[-1], ec.stage1).Z)
         print(f"stage1 {time.perf_counter() - t:.1f}s", flush=True)
         np.save(cache, np.asarray(Z0))
-    out = {"pre": metrics(s, s.params, cases)}
-    print("pre", out["pre"], flush=True)
+    out = {"pre": metrics(s, s.params, cases, True)}
+    print("pre", {k: v for k, v in out["pre"].items() if k != "per_case"}, flush=True)
     state = s.state()
     timings: dict = {}
     st, _ = write_targets(s.cfg, state, b, Z0, dataclasses.replace(ec, metake=None), timings)
-    out["alphaedit"] = metrics(s, st.params, cases)
-    print("alphaedit", out["alphaedit"], timings, flush=True)
+    out["alphaedit"] = metrics(s, st.params, cases, True)
+    print("alphaedit", {k: v for k, v in out["alphaedit"].items() if k != "per_case"}, timings, flush=True)
     combos = [(p, float(e), float(w)) for p in a.prompts.split(",") for e in a.etas.split(",")
               for w in a.anchors.split(",")]
     if a.pairs:  # explicit eta:anchor pairs
@@ -95,7 +109,8 @@ def grid(a) -> None:
     for prompts, eta, anchor in combos:
         if True:
             for name in a.variants.split(","):
-                mc = MetaKEConfig(steps=a.T, lr=eta, prompts=prompts, anchor_weight=anchor, **VARIANTS[name])
+                mc = MetaKEConfig(steps=a.T, lr=eta, prompts=prompts, anchor_weight=anchor, anchor=a.anchor_mode,
+                                  **VARIANTS[name])
                 lb = look_rows(hb, mc)
                 t = time.perf_counter()
                 r = jax.block_until_ready(refine_targets(s.cfg, s.params, b, Z0, s.layers, state.stats,
@@ -104,10 +119,17 @@ def grid(a) -> None:
                 st, _ = write_targets(s.cfg, state, b, r.Z, dataclasses.replace(ec, metake=mc), {})
                 key = f"{name}:{prompts}:eta={eta}:anchor={anchor}"
                 curve = np.asarray(r.losses)[:, :n].mean(1)
-                out[key] = {**metrics(s, st.params, cases), "lookahead_s": dt,
+                move = np.asarray(r.move)[:n]
+                out[key] = {**metrics(s, st.params, cases, True), "lookahead_s": dt,
+                            "meta_loss_curve": curve.tolist(),
                             "meta_loss_first": float(curve[0]), "meta_loss_last": float(curve[-1]),
+                            "meta_loss_drop": float(1 - curve[-1] / curve[0]),
+                            "move_rel_median": float(np.median(move)),  # ‖z − z⁰‖ / ‖r⁰‖ per request
+                            "move_rel_p90": float(np.percentile(move, 90)),
+                            "accepted_eta_mean": float(np.asarray(r.step_sizes)[:, :n].mean()),
                             "dZ_rel": float(jnp.linalg.norm(r.Z - Z0) / jnp.linalg.norm(Z0))}
-                print(key, out[key], flush=True)
+                print(key, {k: v for k, v in out[key].items() if k != "per_case"}, flush=True)
+                Path(a.out).write_text(json.dumps(out, indent=1))
     Path(a.out).write_text(json.dumps(out, indent=1))
 
 
@@ -126,7 +148,8 @@ def table(a) -> None:
             ec = dataclasses.replace(ec, metake=None, editor=EditorConfig(method="alphaedit", l2=ec.editor.l2))
         else:
             ec = dataclasses.replace(ec, metake=MetaKEConfig(steps=a.T, lr=a.eta, prompts=a.prompts,
-                                                             anchor_weight=a.anchor, **VARIANTS[method]))
+                                                             anchor_weight=a.anchor, anchor=a.anchor_mode,
+                                                             **VARIANTS[method]))
         state = s.state()
         times = []
         for i in range(0, len(cases), a.batch):
@@ -134,13 +157,13 @@ def table(a) -> None:
             state, rep = edit_batch(s.cfg, state, s.tokenizer, chunk, s.templates, ec, n_pad=a.batch)
             times.append(rep.timings)
             print(method, i, {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
-        m = metrics(s, state.params, cases)
+        m = metrics(s, state.params, cases, True)
         steady = times[1:] or times
         out[method] = {**m, "batch_seconds": [t["total"] for t in times],
                        "mean_batch_s_after_first": float(np.mean([t["total"] for t in steady])),
                        "phases_after_first": {k: float(np.mean([t.get(k, 0.0) for t in steady]))
                                               for k in ("stage1", "lookahead", "write", "cache")}}
-        print(method, out[method], flush=True)
+        print(method, {k: v for k, v in out[method].items() if k != "per_case"}, flush=True)
         Path(a.out).write_text(json.dumps(out, indent=1))
 
 
@@ -157,7 +180,8 @@ def main() -> None:
     ap.add_argument("--anchor", type=float, default=1.0)
     ap.add_argument("--pairs", default="", help="explicit eta:anchor pairs, e.g. 0.5:1,10:0.01")
     ap.add_argument("--prompts", default="all")
-    ap.add_argument("--methods", default="alphaedit,metake,metake_keyonly,metake_stopgrad")
+    ap.add_argument("--anchor_mode", default="relative", choices=["relative", "absolute"])
+    ap.add_argument("--methods", default="alphaedit,metake,metake_keyonly,metake_stopgrad,metake_ungated")
     ap.add_argument("--out", default="/tmp/metake_smollm2.json")
     a = ap.parse_args()
     (grid if a.mode == "grid" else table)(a)

@@ -75,6 +75,23 @@ def test_multi_layer_proxy_differs_but_correlates(setup):
     assert np.all(np.isfinite(cos)) and np.all(cos <= 1 + 1e-6)
     assert _rel(d.g_proxy, d.g_exact) > 1e-6  # the non-final layers leak: not identical
     assert np.asarray(d.reduction_bp)[3, :2] == pytest.approx(0.0, abs=1e-6)  # g = 0 changes nothing
+    assert np.asarray(d.reduction_eq_bp)[3, :2] == pytest.approx(0.0, abs=1e-6)
+    # the proxy direction's equal-length step is its own step at η: same reduction
+    np.testing.assert_allclose(np.asarray(d.reduction_eq_bp)[1, :2], np.asarray(d.reduction_bp)[1, :2],
+                               rtol=1e-4, atol=1e-3)
+    for c in (d.cos_final_exact, d.cos_proxy_final):
+        c = np.asarray(c)[:2]
+        assert np.all(np.isfinite(c)) and np.all(np.abs(c) <= 1 + 1e-6)
+
+
+def test_single_layer_diagnostics_identities(setup):
+    """One edited layer: g_final = g_exact = g_proxy, so all three cosines are 1 and ρ = 0 (METHOD.md §7)."""
+    _, cfg, params, b, Z0 = setup
+    st = _stats(cfg.d_ff, 1)
+    d = diagnostics(cfg, params, b, Z0 + 0.01 * b.valid, Z0, (2,), st, ECFG, MetaKEConfig(), 0.1)
+    for c in (d.cos, d.cos_final_exact, d.cos_proxy_final):
+        np.testing.assert_allclose(np.asarray(c)[:2], 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(d.leakage)[:2], 0.0, atol=1e-6)
 
 
 def test_exact_hypergradient_matches_finite_differences_float64(setup):
