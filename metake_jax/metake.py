@@ -182,6 +182,7 @@ class RefineResult(NamedTuple):
     Z: Array  # (d, n_pad) refined targets Z^(T)
     losses: Array  # (T + 1, n_pad) per-request ℓ_meta along the refinement (first: at Z⁰, last: at Z^(T))
     step_sizes: Array  # (T, n_pad) accepted η_i per outer step (0: the request did not move)
+    trials: Array  # (T,) loss-and-gradient evaluations per outer step (1 = first trial accepted)
     move: Array  # (n_pad,) ‖z_i^(T) − z⁰_i‖ / ‖r⁰_i‖ (relative move; 0 for padding)
 
 
@@ -189,7 +190,7 @@ def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: Meta
     """T outer steps ``z_i ← z_i − η_i s_i g_i`` with per-request Armijo backtracking, one ``lax.scan``.
 
     ``loss_and_grad(Z) -> (per-request ℓ (n_pad,), ∇_Z Σ_i valid_i ℓ_i (d, n_pad))``.
-    Returns (Z^(T), ℓ along the path (T+1, n_pad), accepted η_i (T, n_pad)).
+    Returns (Z^(T), ℓ along the path (T+1, n_pad), accepted η_i (T, n_pad), evaluations per step (T,)).
 
     A trial moves every request at once (the look-ahead couples them through Δ_L); requests whose
     ℓ_i did not fall by ``c η_i s_i ‖g_i‖²`` halve their η_i and all are tried again (if a request
@@ -211,7 +212,7 @@ def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: Meta
             eta = jnp.full_like(per, eta0) * valid
             Zn = trial(Z, eta, g)
             pn, gn = loss_and_grad(Zn)
-            return (Zn, pn, gn), (pn, eta)
+            return (Zn, pn, gn), (pn, eta, jnp.asarray(1))
 
         def failing(eta, pn):  # a request at η_i = 0 fails if the others' moves raised its ℓ_i
             return (valid > 0) & (pn > per - ARMIJO_C * eta * gsq)
@@ -231,17 +232,17 @@ def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: Meta
 
         eta = jnp.full_like(per, eta0) * valid
         pn, gn = loss_and_grad(trial(Z, eta, g))
-        eta, pn, gn, _ = jax.lax.while_loop(cond, body, (eta, pn, gn, jnp.asarray(0)))
+        eta, pn, gn, rounds = jax.lax.while_loop(cond, body, (eta, pn, gn, jnp.asarray(0)))
         ok = ~jnp.any(failing(eta, pn))
         eta = jnp.where(ok, eta, 0.0)
         Zn = jnp.where(ok, trial(Z, eta, g), Z)
         pn = jnp.where(ok, pn, per)
         gn = jnp.where(ok, gn, g)
-        return (Zn, pn, gn), (pn, eta)
+        return (Zn, pn, gn), (pn, eta, rounds + 1)
 
     per0, g0 = loss_and_grad(Z0)
-    (Z, _, _), (curve, etas) = jax.lax.scan(step, (Z0, per0, g0), None, length=mcfg.steps)
-    return Z, jnp.concatenate([per0[None], curve], axis=0), etas
+    (Z, _, _), (curve, etas, trials) = jax.lax.scan(step, (Z0, per0, g0), None, length=mcfg.steps)
+    return Z, jnp.concatenate([per0[None], curve], axis=0), etas, trials
 
 
 @partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
@@ -265,7 +266,7 @@ def refine_targets(
         (_, per), g = vg(Z)
         return per, g * batch.valid
 
-    Z, losses, etas = outer_steps(loss_and_grad, Z0, scale, batch.valid, mcfg)
+    Z, losses, etas, trials = outer_steps(loss_and_grad, Z0, scale, batch.valid, mcfg)
     r0 = jnp.sqrt(anchor_scale(Z0, ctx.H_L, batch.valid, dataclasses.replace(mcfg, anchor="relative")))
     move = jnp.linalg.norm(Z - Z0, axis=0) / r0 * batch.valid
-    return RefineResult(Z=Z, losses=losses, step_sizes=etas, move=move)
+    return RefineResult(Z=Z, losses=losses, step_sizes=etas, trials=trials, move=move)
