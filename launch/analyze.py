@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -115,8 +116,10 @@ class Context:
         key = (method, float(ecfg.stage1.kl_factor))
         if key not in self.streams:
             reqs = [[x.request for x in b] for b in self.batches]
+            logging.info("stream %s (λ_KL %g): %d batches of <= %d", method, key[1], len(reqs), self.bs)
             self.streams[key] = measure_stream(self.s.cfg, self.s.state(), self.s.tokenizer, reqs,
                                                self.s.templates, ecfg, n_pad=self.bs)
+            logging.info("stream %s done in %.1f s", method, self.streams[key].seconds)
         return self.streams[key]
 
     def evaluate(self, params: Any) -> dict[str, Any]:
