@@ -1,0 +1,337 @@
+"""The paper's analyses (METHOD.md §10) and the paired statistics of §11, as pure functions.
+
+Named dimensions: ``d_model`` (residual width d), ``d_key`` (FFN key width d_k), ``n_req``
+(requests of a batch / stream), ``n_query`` (factual queries of the hidden-state analysis).
+Requests are **columns** of key / residual matrices (METHOD.md §1).
+
+* Association and realized coefficient (§5, §10 Fig. 4): :func:`association_beta`,
+  :func:`realized_gamma`, :func:`measure_write` (one batch: β before the write, γ after it) and
+  :func:`measure_stream` (a sequential stream of batches), :func:`quantile_bins`, :func:`attenuation`.
+* KL sweep (§10 Fig. 5): :func:`extreme_groups`, :func:`best_on_grid`.
+* Hidden-state shift (§10 Fig. 7): :func:`final_hidden`, :func:`relative_shift`, :func:`rbf_mmd2`,
+  :func:`pca_2d`.
+* Paired statistics (§11): :func:`paired_bootstrap`, :func:`verdict`.
+
+The launcher is ``launch/analyze.py``; the run-directory table is ``metake_jax.report.paired_table``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from functools import partial
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metake_jax import editors
+from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.editor import EditConfig, EditState, compute_targets, look_rows, write_targets
+from metake_jax.keys import keys_and_hidden
+from metake_jax.tokens import encode, pad_id, pad_right
+from metake_jax.write import EditorConfig, LayerStats
+from models.config import ModelConfig
+from models.interface import forward
+
+Array = jax.Array
+
+__all__ = [
+    "StreamMeasure", "WriteMeasure", "association_beta", "attenuation", "best_on_grid", "extreme_groups",
+    "final_hidden", "measure_stream", "measure_write", "paired_bootstrap", "pca_2d", "quantile_bins",
+    "rbf_mmd2", "realized_gamma", "relative_shift", "solve_scope", "verdict",
+]
+
+_HI = jax.lax.Precision.HIGHEST
+_keys_and_hidden = jax.jit(keys_and_hidden, static_argnames=("cfg", "layers"))
+
+
+# ============================================================================ association / realized γ (§5)
+
+
+def solve_scope(ecfg: EditorConfig) -> contextlib.AbstractContextManager:
+    """64-bit mode around traced editor calls when the editor solves in float64 (MEMIT)."""
+    return jax.enable_x64(True) if jnp.dtype(ecfg.solve_dtype) == jnp.float64 else contextlib.nullcontext()
+
+
+def association_beta(K: Array, stats: LayerStats, ecfg: EditorConfig, slot: int = -1) -> np.ndarray:
+    """Association ``β_i`` of each request at edited-layer slot ``slot`` (METHOD.md §5, §10).
+
+    AlphaEdit: ``β_i = k_iᵀ P A⁻¹ k_i`` with ``A = C_p P + λ I`` (the slot's P, C_p, λ = ``ecfg.l2``);
+    MEMIT: ``β_i = k_iᵀ (λ_C C_0)⁻¹ k_i`` (plus C_p inside the inverse when ``memit_use_cache``).
+    Computed in float64 through ``editors.association`` / ``editors.memit_association`` (which give
+    ``α = β/(1+β)``) and inverted, ``β = α/(1−α)``; float64 keeps that inversion accurate.
+
+    K: (d_key, n_req) keys at the slot's layer (columns = requests), before the write.
+    Returns a float64 numpy array (n_req,), dimensionless.  Raises ValueError on shape mismatch
+    (from the editors' checks).
+    """
+    with jax.enable_x64(True):
+        Kd = jnp.asarray(K, jnp.float64)
+        if ecfg.method == "alphaedit":
+            a = editors.association(Kd, stats.P[slot], stats.Cp[slot], ecfg.l2, solve_dtype=jnp.float64)
+        else:
+            Cp = stats.Cp[slot] if ecfg.memit_use_cache else None
+            a = editors.memit_association(Kd, stats.C0[slot], ecfg.mom2_update_weight, Cp,
+                                          solve_dtype=jnp.float64)
+        a = np.asarray(a, np.float64)
+    with np.errstate(divide="ignore"):
+        return a / (1.0 - a)
+
+
+def attenuation(beta: np.ndarray) -> np.ndarray:
+    """Prop. 1 attenuation ``α = β / (1 + β)`` (METHOD.md §5); same shape as ``beta``."""
+    b = np.asarray(beta, np.float64)
+    return b / (1.0 + b)
+
+
+@jax.jit
+def realized_gamma(R_planned: Array, R_realized: Array, eps: float = 1e-8) -> Array:
+    """``γ_i = ⟨r̂_i, r_i⟩ / (‖r_i‖² + ε)`` per request (METHOD.md §5 C.6, §10).
+
+    R_planned: (d_model, n_req) planned residuals ``r_i = z_i − h_L,i``;
+    R_realized: (d_model, n_req) realized ``r̂_i = h_L,i^post − h_L,i``.  Returns (n_req,) float32.
+    """
+    num = jnp.sum(R_realized * R_planned, axis=0)
+    return num / (jnp.sum(jnp.square(R_planned), axis=0) + eps)
+
+
+class WriteMeasure(NamedTuple):
+    """One batch's association and realized coefficients (real requests only)."""
+
+    beta: np.ndarray  # (n_req,) association at the final edited layer, before the write
+    gamma: np.ndarray  # (n_req,) realized coefficient after the full multi-layer write
+    planned_norm: np.ndarray  # (n_req,) ‖r_i‖ in hidden-state units
+    state: EditState  # the state after the write (C_p updated)
+
+
+def measure_write(cfg: ModelConfig, state: EditState, batch: EditBatch, Z: Array, ecfg: EditConfig, n: int,
+                  timings: dict[str, float] | None = None) -> WriteMeasure:
+    """Write targets ``Z`` (d_model, n_pad) with the multi-layer write and measure β and γ (§10 Fig. 4).
+
+    Before the write: keys ``K_L`` (d_key, n_pad) and ``h_L`` (d_model, n_pad) at the final edited
+    layer on ``state.params``, ``β`` from that state's C_p (:func:`association_beta`).  After
+    ``editor.write_targets`` (all layers, C_p update): ``h_L^post``; ``r = Z − h_L``,
+    ``r̂ = h_L^post − h_L``.  ``n``: number of real requests (the first ``n`` columns).
+    Raises ``EditError`` (from the write) when the update is non-finite; ``state`` is then unchanged.
+    """
+    layers = ecfg.layers
+    K, H = _keys_and_hidden(cfg, state.params, batch, layers)
+    beta = association_beta(K[-1], state.stats, ecfg.editor)
+    new_state, _ = write_targets(cfg, state, batch, Z, ecfg, {} if timings is None else timings)
+    _, H_post = _keys_and_hidden(cfg, new_state.params, batch, layers)
+    R = Z - H
+    gamma = realized_gamma(R, H_post - H)
+    return WriteMeasure(beta=beta[:n], gamma=np.asarray(gamma, np.float64)[:n],
+                        planned_norm=np.asarray(jnp.linalg.norm(R, axis=0), np.float64)[:n], state=new_state)
+
+
+@dataclasses.dataclass
+class StreamMeasure:
+    """A sequential stream of batches with per-request β, γ (in stream order)."""
+
+    state: EditState
+    case_ids: list[Any]
+    beta: np.ndarray  # (n_req,)
+    gamma: np.ndarray  # (n_req,)
+    planned_norm: np.ndarray  # (n_req,)
+    seconds: float
+
+
+def measure_stream(cfg: ModelConfig, state: EditState, tokenizer: Any, batches: Sequence[Sequence[Any]],
+                   templates: Sequence[Sequence[str]], ecfg: EditConfig, *, n_pad: int | None = None,
+                   ) -> StreamMeasure:
+    """Edit ``batches`` of requests in sequence (METHOD.md §9) and measure β, γ per batch (§10 Fig. 4).
+
+    Each batch: tokenize → Stage I (+ MetaKE refinement when ``ecfg.metake``) with
+    ``editor.compute_targets`` → :func:`measure_write` of the targets actually written.
+    ``n_pad``: pad every batch to this many requests (one compiled shape).  Python loops over
+    batches only; each batch is one set of jitted computations.  Raises what ``edit_batch`` raises.
+    """
+    t0 = time.perf_counter()
+    ids, betas, gammas, norms = [], [], [], []
+    for reqs in batches:
+        host, n = prepare_batch(tokenizer, reqs, templates, n_pad=n_pad)
+        batch = EditBatch(*[jnp.asarray(x) for x in host])
+        lb = look_rows(host, ecfg.metake) if ecfg.metake is not None else None
+        timings: dict[str, float] = {}
+        Z, _, _ = compute_targets(cfg, state, batch, ecfg, timings, lb)
+        m = measure_write(cfg, state, batch, Z, ecfg, n, timings)
+        state = m.state
+        ids += [getattr(r, "case_id", None) for r in reqs]
+        betas.append(m.beta)
+        gammas.append(m.gamma)
+        norms.append(m.planned_norm)
+    return StreamMeasure(state=state, case_ids=ids, beta=np.concatenate(betas), gamma=np.concatenate(gammas),
+                         planned_norm=np.concatenate(norms), seconds=time.perf_counter() - t0)
+
+
+def quantile_bins(x: np.ndarray, y: np.ndarray, n_bins: int = 13) -> dict[str, np.ndarray]:
+    """Sort by ``x`` and split into ``n_bins`` equal-count bins (METHOD.md §10 Fig. 4: 13 bins of β).
+
+    x, y: (n_req,).  Returns arrays of shape (n_bins,): ``x_mean``, ``x_lo``, ``x_hi`` (bin range),
+    ``y_mean``, ``y_se`` (standard error ``std(ddof=1)/√count``; NaN for a bin of one), ``count``.
+    Raises ValueError when the shapes differ or ``n_bins`` exceeds the number of points.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"quantile_bins: x {x.shape} and y {y.shape} must be equal 1-D shapes")
+    if not 1 <= n_bins <= x.size:
+        raise ValueError(f"quantile_bins: {n_bins} bins need at least as many points, got {x.size}")
+    parts = np.array_split(np.argsort(x, kind="stable"), n_bins)
+    out = {k: np.empty(n_bins) for k in ("x_mean", "x_lo", "x_hi", "y_mean", "y_se", "count")}
+    for j, idx in enumerate(parts):
+        xs, ys = x[idx], y[idx]
+        out["x_mean"][j], out["x_lo"][j], out["x_hi"][j] = xs.mean(), xs.min(), xs.max()
+        out["y_mean"][j] = ys.mean()
+        out["y_se"][j] = ys.std(ddof=1) / np.sqrt(ys.size) if ys.size > 1 else np.nan
+        out["count"][j] = ys.size
+    return out
+
+
+# ============================================================================ KL sweep (§10 Fig. 5)
+
+
+def extreme_groups(beta: np.ndarray, frac: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the low-β (bottom ``frac``) and high-β (top ``frac``) requests (METHOD.md §10 Fig. 5).
+
+    beta: (n_req,).  Each group holds ``max(1, round(frac · n_req))`` requests.  Raises ValueError
+    unless 0 < frac ≤ 0.5.
+    """
+    if not 0 < frac <= 0.5:
+        raise ValueError(f"extreme_groups: frac must be in (0, 0.5], got {frac}")
+    order = np.argsort(np.asarray(beta), kind="stable")
+    k = max(1, int(round(frac * order.size)))
+    return order[:k], order[-k:]
+
+
+def best_on_grid(grid: Sequence[float], values: Sequence[float]) -> float:
+    """The grid point of the largest value; ties go to the smaller grid point (METHOD.md §10 Fig. 5)."""
+    g, v = np.asarray(grid, np.float64), np.asarray(values, np.float64)
+    if g.shape != v.shape or g.size == 0:
+        raise ValueError(f"best_on_grid: grid {g.shape} and values {v.shape} must be equal and non-empty")
+    best = np.nanmax(v)
+    return float(np.min(g[v == best]))
+
+
+# ============================================================================ hidden-state shift (§10 Fig. 7)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _last_hidden(cfg: ModelConfig, params: Any, tokens: Array, mask: Array, last: Array) -> Array:
+    out = forward(cfg, params, tokens, mask, taps=(cfg.n_layers - 1,), tap_positions=last[:, None])
+    return out.hidden[0, :, 0, :].astype(jnp.float32)
+
+
+def final_hidden(cfg: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str], *,
+                 batch_size: int = 64) -> np.ndarray:
+    """Final-layer block output at each prompt's last token (METHOD.md §10 Fig. 7).
+
+    Returns (n_query, d_model) float32.  Prompts are tokenized as model inputs (BOS where the tokenizer
+    adds one), right-padded per chunk of ``batch_size`` (the last chunk padded with copies, so every
+    chunk has one compiled shape per length bucket).  Raises ValueError for an empty prompt list.
+    """
+    if not prompts:
+        raise ValueError("final_hidden: no prompts")
+    rows = [encode(tokenizer, p) for p in prompts]
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        tokens, mask, lengths = pad_right(chunk, pad_id(tokenizer), n_rows=batch_size)
+        h = _last_hidden(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(lengths - 1))
+        out.append(np.asarray(h)[:len(chunk)])
+    return np.concatenate(out)
+
+
+def relative_shift(H_pre: np.ndarray, H_post: np.ndarray) -> np.ndarray:
+    """Per-query relative shift ``‖h_post − h_pre‖ / ‖h_pre‖`` (n_query,), dimensionless (§10 Fig. 7)."""
+    H_pre, H_post = np.asarray(H_pre, np.float64), np.asarray(H_post, np.float64)
+    if H_pre.shape != H_post.shape:
+        raise ValueError(f"relative_shift: shapes differ {H_pre.shape} vs {H_post.shape}")
+    return np.linalg.norm(H_post - H_pre, axis=1) / np.linalg.norm(H_pre, axis=1)
+
+
+@jax.jit
+def _mmd2(X: Array, Y: Array) -> tuple[Array, Array]:
+    Zs = jnp.concatenate([X, Y], axis=0)
+    Zs = Zs - Zs.mean(axis=0)  # centring first limits cancellation in ‖x‖² + ‖y‖² − 2⟨x, y⟩
+    sq = jnp.sum(Zs * Zs, axis=1)
+    D2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * jnp.matmul(Zs, Zs.T, precision=_HI), 0.0)
+    n = Zs.shape[0]
+    iu = jnp.triu_indices(n, 1)
+    sigma2 = jnp.median(jnp.sqrt(D2[iu])) ** 2
+    Kz = jnp.exp(-D2 / (2.0 * jnp.maximum(sigma2, 1e-30)))
+    m = X.shape[0]
+    kxx, kyy, kxy = Kz[:m, :m].mean(), Kz[m:, m:].mean(), Kz[:m, m:].mean()
+    return kxx + kyy - 2.0 * kxy, jnp.sqrt(sigma2)
+
+
+def rbf_mmd2(X: np.ndarray, Y: np.ndarray) -> tuple[float, float]:
+    """Biased (V-statistic) MMD² between two sets with an RBF kernel, median heuristic (§10 Fig. 7).
+
+    ``k(x, y) = exp(−‖x − y‖² / (2σ²))``, σ = median pairwise Euclidean distance of the pooled set.
+    X: (n_x, d_model), Y: (n_y, d_model).  Returns ``(mmd2, sigma)``; MMD² is dimensionless, in
+    [0, 2], exactly 0 for identical sets; σ is in hidden-state units.  Memory O((n_x + n_y)²).
+    Raises ValueError when the widths differ or a set is empty.
+    """
+    X, Y = np.asarray(X, np.float32), np.asarray(Y, np.float32)
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[1] != Y.shape[1] or not len(X) or not len(Y):
+        raise ValueError(f"rbf_mmd2: need two non-empty (n, d) sets of one width, got {X.shape}, {Y.shape}")
+    v, s = _mmd2(jnp.asarray(X), jnp.asarray(Y))
+    return float(v), float(s)
+
+
+def pca_2d(reference: np.ndarray, *others: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Project sets onto the top-2 principal axes of ``reference`` (numpy SVD; §10 Fig. 7).
+
+    reference: (n_query, d_model); others: (n_*, d_model).  Returns ([ref_2d, *others_2d] each (n, 2),
+    explained-variance ratio of the two axes (2,)).  Fitting on one set (the pre-edit states) keeps
+    every method on the same axes.
+    """
+    R = np.asarray(reference, np.float64)
+    mu = R.mean(axis=0)
+    _, s, Vt = np.linalg.svd(R - mu, full_matrices=False)
+    var = s ** 2
+    proj = [(np.asarray(x, np.float64) - mu) @ Vt[:2].T for x in (R, *others)]
+    return proj, var[:2] / var.sum()
+
+
+# ============================================================================ paired statistics (§11)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 2000, confidence: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean per-case difference ``mean(a − b)`` and its paired bootstrap interval (METHOD.md §11).
+
+    a, b: (n_pairs,) per-case outcomes of two methods on the same (data seed, case) pairs, in the
+    same order.  Cases are resampled with replacement (``scipy.stats.bootstrap(paired=True)``,
+    percentile interval, ``n_resamples`` ≥ 1000 per §11).  Returns ``(diff, lo, hi)`` in the units of
+    the outcomes; when every difference is the same the interval is that value.  Raises ValueError
+    for mismatched / empty inputs or fewer than 1000 resamples.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_bootstrap: need two equal non-empty 1-D arrays, got {a.shape}, {b.shape}")
+    if n_resamples < 1000:
+        raise ValueError(f"paired_bootstrap: METHOD.md §11 asks for >= 1000 resamples, got {n_resamples}")
+    d = a - b
+    diff = float(d.mean())
+    if np.ptp(d) == 0.0:  # degenerate: every resample gives the same mean
+        return diff, diff, diff
+    res = stats.bootstrap((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, vectorized=True,
+                          n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                          random_state=np.random.default_rng(seed))
+    return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def verdict(lo: float, hi: float) -> str:
+    """"no difference" when the interval contains 0 (METHOD.md §11), else "better (+)" / "worse (−)".
+
+    For metrics where higher is better (every benchmark metric here).
+    """
+    if lo <= 0.0 <= hi:
+        return "no difference"
+    return "better (+)" if lo > 0 else "worse (−)"
