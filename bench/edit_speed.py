@@ -18,16 +18,14 @@ prompts).  Batch 1 includes compilation; "steady" is the mean over the later bat
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_cf.py"),
                                           "run configuration (model, layers, hyper-parameters)")

@@ -12,13 +12,10 @@ factual prompts, from one jitted, padded batch through ``models.interface.forwar
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2", "smollm2 | .gguf file | converted dir | HF dir | hub id")
