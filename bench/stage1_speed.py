@@ -29,7 +29,7 @@ from metake_jax.batch import EditBatch, prepare_batch
 from metake_jax.data.loaders import load_cases, load_demo
 from metake_jax.targets import StageIConfig, group_sizes, optimize_targets_grouped, row_groups
 from models.embedded import load_smollm2
-from models.generate import context_templates
+from metake_jax.templates import context_templates
 
 
 def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int, float]:

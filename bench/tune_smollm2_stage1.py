@@ -18,7 +18,7 @@ from metake_jax.batch import EditBatch, prepare_batch
 from metake_jax.data.loaders import load_demo
 from metake_jax.targets import StageIConfig, optimize_targets
 from models.embedded import load_smollm2
-from models.generate import context_templates
+from metake_jax.templates import context_templates
 
 
 def main() -> None:
