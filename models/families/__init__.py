@@ -19,6 +19,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "models.families.gpt2",
     "models.families.gptj",
     "models.families.llama",
+    "models.families.phi",
 )
 
 __all__ = ["BlockOptions", "Family", "block_options", "for_model_type", "get", "names", "random_variant"]
