@@ -8,7 +8,7 @@
 Requests are synthetic with fixed token lengths (``--prompt_len``, ``--subject_len``,
 ``--target_len``; templates ``"{}"`` + 5 of ``--template_len`` tokens) through a word-id tokenizer
 ("w17 w4 ..." -> ids), so any model shape works offline.  C0 is a random PSD matrix per layer and
-P its exact null-space projector (``metake_jax.random_model.random_stats``), so no statistics
+P its exact null-space projector (``models.random_model.random_stats``), so no statistics
 pass is timed.  Each batch is applied on top of the last (C_p accumulates) as in a real run.
 
 Columns are ``BatchReport.timings`` (Stage I, look-ahead, downstream write, cache update) plus the
@@ -18,16 +18,14 @@ prompts).  Batch 1 includes compilation; "steady" is the mean over the later bat
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_cf.py"),
                                           "run configuration (model, layers, hyper-parameters)")
@@ -43,7 +41,7 @@ flags.DEFINE_bool("eval", True, "also time the evaluation of each batch's cases"
 flags.DEFINE_integer("seed", 0, "seed of the random weights / statistics")
 FLAGS = flags.FLAGS
 
-# config model -> (family, metake_jax.random_model size)
+# config model -> (family, models.random_model size)
 RANDOM_SHAPES = {"gpt2-xl": ("gpt2", "gpt2-xl"), "EleutherAI/gpt-j-6B": ("gptj", "gpt-j-6b"),
                  "meta-llama/Meta-Llama-3-8B-Instruct": ("llama", "llama3-8b"), "smollm2": ("llama", "smollm2-135m"),
                  "Qwen/Qwen3-8B": ("qwen3", "llama3-8b")}
@@ -120,7 +118,7 @@ def main(argv):
 
     from metake_jax.editor import edit_batch, init_state
     from metake_jax.evaluate import evaluate_counterfact
-    from metake_jax.random_model import random_config, random_params, random_stats
+    from models.random_model import random_config, random_params, random_stats
     from metake_jax.runner import edit_config, load_model_spec
 
     c = _CONFIG.value

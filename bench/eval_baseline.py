@@ -18,7 +18,7 @@ from metake_jax.evaluate import evaluate_counterfact, evaluate_glue, evaluate_zs
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="models.convert.load_model spec (default: embedded SmolLM2-135M)")
+    ap.add_argument("--model", default=None, help="models.load.load_model spec (default: embedded SmolLM2-135M)")
     ap.add_argument("--counterfact", default=None, help="CounterFact file (default: the bundled demo set)")
     ap.add_argument("--zsre", default=None, help="ZsRE MEND-format file (optional)")
     ap.add_argument("--n", type=int, default=None, help="cases to evaluate (first n, or seeded with --seed)")
@@ -34,7 +34,7 @@ def main() -> None:
 
         cfg, params, tok = load_smollm2()
     else:
-        from models.convert import load_model
+        from models.load import load_model
 
         cfg, params, tok = load_model(args.model)
     print(f"model {cfg.name}: family={cfg.family} layers={cfg.n_layers} d={cfg.d_model} V={cfg.vocab_size}")

@@ -25,34 +25,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
-from models.generate import context_templates, generate, sample_texts
+from models.random_model import random_config, random_params
+from metake_jax.templates import context_templates
+from models.generate import generate, sample_texts
 
 SECTION = "## Generation"
 
 
 def random_model(seed: int = 0):
-    cfg = ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                      d_ff=1536, max_positions=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True,
-                      activation="silu", name="random-smollm2-shape")
-    rng = np.random.default_rng(seed)
-    d, f, n, hd = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.hd
-
-    def w(*shape):
-        return jnp.asarray(rng.normal(0, 0.02, size=shape).astype(np.float32))
-
-    params = {
-        "embed": {"wte": w(cfg.vocab_size, d)},
-        "layers": {
-            "ln_1": {"scale": jnp.ones((n, d))}, "ln_2": {"scale": jnp.ones((n, d))},
-            "attn": {"q": {"kernel": w(n, d, cfg.n_heads * hd)}, "k": {"kernel": w(n, d, cfg.kv_heads * hd)},
-                     "v": {"kernel": w(n, d, cfg.kv_heads * hd)}, "o": {"kernel": w(n, cfg.n_heads * hd, d)}},
-            "mlp": {"gate": {"kernel": w(n, d, f)}, "up": {"kernel": w(n, d, f)},
-                    "fc_out": {"kernel": w(n, f, d)}},
-        },
-        "ln_f": {"scale": jnp.ones((d,))},
-    }
-    return cfg, params, None
+    """Random weights of SmolLM2-135M's shape (tied head, rope_theta 1e5), kernels N(0, 0.02²)."""
+    cfg = random_config("llama", "smollm2-135m").replace(
+        tie_embeddings=True, rope_theta=100000.0, max_positions=8192, name="random-smollm2-shape")
+    return cfg, random_params(cfg, seed, std=0.02), None
 
 
 def load_model(random_weights: bool):

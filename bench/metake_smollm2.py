@@ -19,27 +19,25 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs import smollm2_cf  # noqa: E402
-from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
-from metake_jax.editor import edit_batch, look_rows, write_targets  # noqa: E402
-from metake_jax.evaluate.counterfact import evaluate_counterfact  # noqa: E402
-from metake_jax.experiment import prepare  # noqa: E402
-from metake_jax.metake import MetaKEConfig, refine_targets  # noqa: E402
-from metake_jax.targets import optimize_targets  # noqa: E402
-from metake_jax.write import EditorConfig  # noqa: E402
+from configs import smollm2_cf
+from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.editor import edit_batch, look_rows, write_targets
+from metake_jax.evaluate.counterfact import evaluate_counterfact
+from metake_jax.experiment import prepare
+from metake_jax.metake import MetaKEConfig, refine_targets
+from metake_jax.targets import optimize_targets
+from metake_jax.write import EditorConfig
 
 CF = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-edit.json"
 

@@ -16,23 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from configs.smollm2_cf import SMOLLM2_TUNED  # noqa: E402
-from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
-from metake_jax.data.loaders import load_cases, load_demo  # noqa: E402
-from metake_jax.targets import StageIConfig, group_sizes, optimize_targets_grouped, row_groups  # noqa: E402
-from models.embedded import load_smollm2  # noqa: E402
-from models.generate import context_templates  # noqa: E402
+from configs.smollm2_cf import SMOLLM2_TUNED
+from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.data.loaders import load_cases, load_demo
+from metake_jax.targets import StageIConfig, group_sizes, optimize_targets_grouped, row_groups
+from models.embedded import load_smollm2
+from metake_jax.templates import context_templates
 
 
 def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int, float]:

@@ -25,37 +25,21 @@ import numpy as np
 from metake_jax import editors as E
 from metake_jax import stats as S
 from metake_jax.projector import nullspace_projector, projectors_for_layers
-from models.config import ModelConfig
+from models.random_model import random_config, random_params
 
 SECTION = "## Statistics and projector"
 
 
 def random_model(seed: int = 0):
-    cfg = ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                      d_ff=1536, max_positions=8192, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True,
-                      activation="silu", name="random-smollm2-shape")
-    rng = np.random.default_rng(seed)
-    d, f, N, hd = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.hd
-
-    def w(*shape):
-        return jnp.asarray(rng.normal(0, 0.02, size=shape).astype(np.float32))
-
-    params = {
-        "embed": {"wte": w(cfg.vocab_size, d)},
-        "layers": {
-            "ln_1": {"scale": jnp.ones((N, d))}, "ln_2": {"scale": jnp.ones((N, d))},
-            "attn": {"q": {"kernel": w(N, d, cfg.n_heads * hd)}, "k": {"kernel": w(N, d, cfg.kv_heads * hd)},
-                     "v": {"kernel": w(N, d, cfg.kv_heads * hd)}, "o": {"kernel": w(N, cfg.n_heads * hd, d)}},
-            "mlp": {"gate": {"kernel": w(N, d, f)}, "up": {"kernel": w(N, d, f)}, "fc_out": {"kernel": w(N, f, d)}},
-        },
-        "ln_f": {"scale": jnp.ones((d,))},
-    }
-    return cfg, params
+    """Random weights of SmolLM2-135M's shape (tied head, rope_theta 1e5), kernels N(0, 0.02²)."""
+    cfg = random_config("llama", "smollm2-135m").replace(
+        tie_embeddings=True, rope_theta=100000.0, max_positions=8192, name="random-smollm2-shape")
+    return cfg, random_params(cfg, seed, std=0.02)
 
 
 def load_model(random_weights: bool, shape: str | None = None):
-    if shape:  # e.g. "gptj:gpt-j-6b" -- any metake_jax.random_model preset, built on device
-        from metake_jax.random_model import random_config, random_params
+    if shape:  # e.g. "gptj:gpt-j-6b" -- any models.random_model preset, built on device
+        from models.random_model import random_config, random_params
 
         fam, size = shape.split(":")
         cfg = random_config(fam, size)

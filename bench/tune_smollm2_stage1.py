@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
 
-from metake_jax.batch import EditBatch, prepare_batch  # noqa: E402
-from metake_jax.data.loaders import load_demo  # noqa: E402
-from metake_jax.targets import StageIConfig, optimize_targets  # noqa: E402
-from models.embedded import load_smollm2  # noqa: E402
-from models.generate import context_templates  # noqa: E402
+from metake_jax.batch import EditBatch, prepare_batch
+from metake_jax.data.loaders import load_demo
+from metake_jax.targets import StageIConfig, optimize_targets
+from models.embedded import load_smollm2
+from metake_jax.templates import context_templates
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from configs import base
 
 def get_config():
     c = base.get_config()
-    c.model = "random:llama:tiny"  # random weights + built-in BPE tokenizer (metake_jax/random_model.py)
+    c.model = "random:llama:tiny"  # random weights + built-in BPE tokenizer (models/random_model.py)
     c.method = "metake"
     c.layers = (1, 2)
     c.data.path = "demo"

@@ -4,24 +4,20 @@
     python launch/convert.py --model=/path/to/hf_dir --out=/tmp/conv --export_hf=/tmp/hf_out
     python launch/convert.py --model=/path/to/model.gguf --dtype=bfloat16 --predict
 
-``--model`` accepts everything ``models.convert.load_model`` does: ``smollm2`` (the embedded
-SmolLM2-135M-Instruct), a ``.gguf`` file, a converted (orbax) directory, an HF checkpoint
-directory, or a hub id (online only).  ``--predict`` prints the greedy next token for a few
+``--model`` accepts everything ``models.load.load_model`` does: ``smollm2`` (the embedded
+SmolLM2-135M-Instruct), ``random:<family>[:<size>]``, a ``.gguf`` file, a converted (orbax)
+directory, an HF checkpoint directory, or a hub id (online only).  ``--predict`` prints the greedy next token for a few
 factual prompts, from one jitted, padded batch through ``models.interface.forward``.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2", "smollm2 | .gguf file | converted dir | HF dir | hub id")
+flags.DEFINE_string("model", "smollm2", "smollm2 | random:<family>[:<size>] | .gguf file | converted dir | HF dir | hub id")
 flags.DEFINE_string("out", None, "save the converted tree (orbax) + config + tokenizer here")
 flags.DEFINE_string("export_hf", None, "also export an HF checkpoint (config.json + model.safetensors) here")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "parameter / compute dtype (default: as stored)")
@@ -72,10 +68,10 @@ def main(argv):
     del argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-    from models import convert
+    from models import convert, load
 
     t0 = time.perf_counter()
-    cfg, params, tok = convert.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    cfg, params, tok = load.load_model(FLAGS.model, dtype=FLAGS.dtype)
     import jax
 
     n = sum(x.size for x in jax.tree.leaves(params))

@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # respect the user's values; default: no network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

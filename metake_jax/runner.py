@@ -2,9 +2,9 @@
 
 ``run(config)`` does, for a run configuration (``configs/base.py``):
 
-1. load the model and tokenizer (``models.convert.load_model``, or ``random:<family>[:<size>]``);
+1. load the model and tokenizer (``models.load.load_model``, incl. ``random:<family>[:<size>]``);
 2. select the cases (``metake_jax.data.loaders``), in file order;
-3. context templates (METHOD.md §2; ``models.generate.context_templates``, seeded, cached in
+3. context templates (METHOD.md §2; ``metake_jax.templates.context_templates``, seeded, cached in
    ``run_dir/templates.json``; or ``templates.file``);
 4. layer statistics C0 (``metake_jax.stats.layer_stats``, cached) → projectors P (AlphaEdit /
    MetaKE) or C0 (MEMIT);
@@ -46,6 +46,7 @@ from metake_jax.stats import PRECISIONS
 from metake_jax.targets import StageIConfig
 from metake_jax.write import EditorConfig
 from models.config import ModelConfig
+from models.interface import w_out, with_w_out
 
 log = logging.getLogger(__name__)
 
@@ -149,19 +150,18 @@ def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0,
     """(cfg, params, tokenizer) for any model spec of ``configs/base.py`` (incl. ``random:...``).
 
     ``remat`` sets ``ModelConfig.remat`` (per-block rematerialization in backward passes)."""
-    if str(spec).startswith("random:"):
-        from metake_jax.random_model import random_model
+    from models.errors import ConversionError
+    from models.load import RANDOM_PREFIX, load_model
 
-        try:
-            cfg, params, tok = random_model(str(spec), seed=seed, dtype=dtype)
-        except ValueError as e:
-            raise RunError(f"config.model={spec!r}: {e}") from e
-        return cfg.replace(remat=bool(remat)), params, tok
-    from models.convert import load_model
-
-    cfg, params, tok = load_model(str(spec), dtype=dtype)
+    random = str(spec).startswith(RANDOM_PREFIX)
+    try:
+        cfg, params, tok = load_model(str(spec), dtype=dtype, seed=seed)
+    except ConversionError as e:
+        if not random:
+            raise
+        raise RunError(f"config.model={spec!r}: {e}") from e
     cfg = cfg.replace(remat=bool(remat))
-    if tok is None:
+    if tok is None and not random:
         raise RunError(f"config.model={spec!r}: no tokenizer found beside the checkpoint "
                        "(editing needs one: save it with tokenizer.save_pretrained into the model dir)")
     return cfg, params, tok
@@ -214,7 +214,7 @@ def get_templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir
         if stored.get("key") == key:
             return _validate_templates(stored["templates"], str(cache))
         log.info("templates cache %s has another key; sampling again", cache)
-    from models.generate import context_templates
+    from metake_jax.templates import context_templates
 
     t = context_templates(cfg, params, tokenizer, seed=key["seed"], n_per_prompt=key["n_per_prompt"],
                           length=key["length"])
@@ -361,18 +361,14 @@ def _batch_summary(kind: str, ev: dict[str, Any]) -> dict[str, Any]:
 
 def _set_edited_kernels(params: Any, layers: Sequence[int], kernels: Any) -> Any:
     """A copy of ``params`` whose fc_out kernels at ``layers`` are ``kernels`` (m, d_k, d)."""
-    k = params["layers"]["mlp"]["fc_out"]["kernel"]
-    if tuple(kernels.shape) != (len(layers), *k.shape[1:]):
-        raise RunError(f"checkpoint kernels have shape {tuple(kernels.shape)}, expected "
-                       f"{(len(layers), *k.shape[1:])} (another model?)")
-    newk = k.at[jnp.asarray(layers)].set(jnp.asarray(kernels, k.dtype))
-    fc_out = {**params["layers"]["mlp"]["fc_out"], "kernel": newk}
-    mlp = {**params["layers"]["mlp"], "fc_out": fc_out}
-    return {**params, "layers": {**params["layers"], "mlp": mlp}}
+    try:
+        return with_w_out(params, tuple(layers), kernels)
+    except ValueError as e:
+        raise RunError(f"checkpoint kernels: {e} (another model?)") from e
 
 
 def _edited_kernels(params: Any, layers: Sequence[int]) -> np.ndarray:
-    return np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"][jnp.asarray(layers)])
+    return np.asarray(w_out(params, tuple(layers)))
 
 
 def _progress(c: Any, total: int, initial: int, desc: str):

@@ -23,6 +23,7 @@ from metake_jax.batch import EditBatch
 from metake_jax.errors import EditError
 from metake_jax.keys import keys_and_hidden
 from models.config import ModelConfig
+from models.interface import w_out, with_w_out
 
 Array = jax.Array
 
@@ -138,13 +139,7 @@ def apply_deltas(params: Any, layers: tuple[int, ...], deltas: Array) -> Any:
     for j, l in enumerate(layers):
         if not np.isfinite(d[j]).all():
             raise EditError(f"non-finite update for layer {l}: refusing to write the batch")
-    kern = params["layers"]["mlp"]["fc_out"]["kernel"]
-    idx = jnp.asarray(layers)
-    new_kern = kern.at[idx].add(jnp.asarray(d, kern.dtype))
-    if not bool(jnp.isfinite(new_kern[idx]).all()):
+    out = with_w_out(params, tuple(layers), d, add=True)
+    if not bool(jnp.isfinite(w_out(out, tuple(layers))).all()):
         raise EditError(f"edited weights of layers {layers} would be non-finite: batch not written")
-    out = dict(params)
-    out["layers"] = dict(params["layers"])
-    out["layers"]["mlp"] = dict(params["layers"]["mlp"])
-    out["layers"]["mlp"]["fc_out"] = dict(params["layers"]["mlp"]["fc_out"], kernel=new_kern)
     return out

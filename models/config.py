@@ -1,46 +1,24 @@
-"""Model configuration shared by every family, and the param-tree layout.
+"""Model configuration shared by every family.
 
-One frozen, hashable dataclass describes GPT-2, GPT-J and the Llama family (Llama 3, SmolLM2,
-Qwen2 with q/k/v bias, Qwen3 with q/k RMS-norm).  It is passed as a *static* argument to jitted
-functions.
-
-Param tree (plain nested dicts of arrays; per-layer weights stacked on a leading layer axis ``N``;
-every dense kernel in the Flax ``(in, out)`` layout)::
-
-    embed/wte                (V, d)
-    embed/wpe                (P, d)                     gpt2 only
-    layers/ln_1/{scale,bias} (N, d)                     bias: layernorm families only
-    layers/ln_2/{scale,bias} (N, d)                     absent for gptj (parallel block)
-    layers/attn/{q,k,v}/kernel  (N, d, H*hd) / (N, d, Hkv*hd)
-    layers/attn/{q,k,v}/bias    (N, H*hd) ...           gpt2, qwen2 (attn_bias=True)
-    layers/attn/o/kernel        (N, H*hd, d)
-    layers/attn/o/bias          (N, d)                  gpt2 only
-    layers/attn/{q_norm,k_norm}/scale (N, hd)           qwen3 (qk_norm=True)
-    layers/mlp/fc_in/{kernel,bias}  (N, d, d_k), (N, d_k)   gpt2 / gptj
-    layers/mlp/gate/kernel, layers/mlp/up/kernel (N, d, d_k)  llama family
-    layers/mlp/fc_out/kernel  (N, d_k, d)   <- W_out^T of METHOD.md §1 (the edited weight)
-    layers/mlp/fc_out/bias    (N, d)        gpt2 / gptj
-    ln_f/{scale,bias}        (d,)
-    lm_head/kernel           (d, V)                     absent when tie_embeddings
-    lm_head/bias             (V,)                       gptj only
+One frozen, hashable dataclass describes every registered family (``models/families/``, e.g. GPT-2,
+GPT-J, the Llama family with Llama 3 / SmolLM2 / Qwen2 (q/k/v bias) / Qwen3 (q/k RMS-norm)).
+It is passed as a *static* argument to jitted functions.  ``family`` names the family object that
+knows the param layout, HF names and block options (``models.families.get(cfg.family)``; the
+layout itself is documented in ``models/families/base.py``).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax.numpy as jnp
-
-Family = Literal["gpt2", "gptj", "llama"]
-
-FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "llama")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters (static under jit)."""
 
-    family: str
+    family: str  # a registered family name (models/families/__init__.py)
     vocab_size: int
     d_model: int
     n_layers: int
@@ -51,12 +29,12 @@ class ModelConfig:
     max_positions: int = 2048
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rotary_dim: int | None = None  # gptj: partial rotary (interleaved); llama: full (half-split)
+    rotary_dim: int | None = None  # rotary on the first rotary_dim dims of a head (None: all)
     tie_embeddings: bool = False
     lm_head_bias: bool = False
-    attn_bias: bool = False  # qwen2 q/k/v bias
-    qk_norm: bool = False  # qwen3
-    activation: str = "gelu_new"  # "gelu_new" (gpt2/gptj) or "silu" (llama, gated)
+    attn_bias: bool = False  # q/k/v biases where the family makes them optional (qwen2)
+    qk_norm: bool = False  # RMS-norm of q and k per head (qwen3)
+    activation: str = "gelu_new"  # informational; the block uses its family's BlockOptions.activation
     name: str = "model"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -67,12 +45,6 @@ class ModelConfig:
     # B×T×d hidden state, for ~1/3 more compute.  Needed for 6-8B models at batch 100 (GPT-J:
     # 127 GiB without it on an H200, bench/RESULTS.md); off for SmolLM2 on CPU.
     remat: bool = False
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(
-                f"unknown model family {self.family!r}; known families: {', '.join(FAMILIES)}"
-            )
 
     @property
     def kv_heads(self) -> int:

@@ -8,9 +8,10 @@ Entry points (METHOD.md §1 model: the edited weight is ``params['layers']['mlp'
 * ``load_gguf(path)``: a llama.cpp GGUF file (llama / qwen2 / qwen3 architectures), dequantized
   with ``gguf.quants.dequantize``; llama.cpp's rotary row permutation of ``attn_q`` / ``attn_k`` is
   undone exactly.
-* ``load_tokenizer``, ``save_converted`` / ``restore_converted`` (orbax + JSON config),
-  ``export_hf`` (config.json + model.safetensors loadable by ``transformers``), and ``load_model``
-  (one entry point for every kind of spec).
+* ``load_tokenizer``, ``save_converted`` / ``restore_converted`` (orbax + JSON config) and
+  ``export_hf`` (config.json + model.safetensors loadable by ``transformers``).
+
+One entry point for every kind of model spec: ``models.load.load_model``.
 
 Every failure raises ``ConversionError`` naming the file / tensor / architecture / model id.
 """
@@ -20,24 +21,27 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import traverse_util
+
+from models import families
 from models.config import ModelConfig
-from models.hf_layout import ConversionError, config_from_hf, hf_to_params, params_to_hf
+from models.errors import ConversionError
+from models.hf_layout import config_from_hf, hf_to_params, params_to_hf
 
 Params = dict[str, Any]
 
 __all__ = [
-    "ConversionError", "export_hf", "load_gguf", "load_hf_checkpoint", "load_model", "load_tokenizer",
-    "restore_converted", "save_converted", "EMBEDDED_NAMES",
+    "ConversionError", "export_hf", "load_gguf", "load_hf_checkpoint", "load_tokenizer", "restore_converted",
+    "save_converted",
 ]
 
 DTYPES = ("float32", "bfloat16")
-EMBEDDED_NAMES = ("smollm2", "embedded")
 CONVERTED_MARKER = "metake_config.json"  # written by save_converted beside the orbax tree
 _PARAMS_SUBDIR = "params"
 _TOKENIZER_SUBDIR = "tokenizer"
@@ -46,7 +50,8 @@ _TOKENIZER_SUBDIR = "tokenizer"
 # ----------------------------------------------------------------------------- helpers
 
 
-def _np_dtype(dtype: str) -> Any:
+def np_dtype(dtype: str) -> Any:
+    """The numpy dtype of ``dtype`` (one of DTYPES); ConversionError otherwise."""
     if dtype not in DTYPES:
         raise ConversionError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return np.dtype(jnp.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
@@ -54,6 +59,15 @@ def _np_dtype(dtype: str) -> Any:
 
 def _with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
     return cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+
+
+def cast(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[ModelConfig, Params]:
+    """(cfg, params) in ``dtype`` (params and compute); None keeps them.  ConversionError for a
+    dtype outside DTYPES."""
+    if dtype is None or dtype == cfg.param_dtype:
+        return cfg, params
+    np_dtype(dtype)
+    return _with_dtype(cfg, dtype), jax.tree.map(lambda a: a.astype(dtype), params)
 
 
 def _to_device(params: Params, dtype: Any = None) -> Params:
@@ -69,14 +83,6 @@ def _to_device(params: Params, dtype: Any = None) -> Params:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _tree_paths(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _tree_paths(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
 
 
 # ----------------------------------------------------------------------------- HF checkpoints
@@ -160,7 +166,7 @@ class _TensorSource:
         return t.detach().float().numpy()
 
 
-def _resolve_hf_dir(path_or_id: str) -> Path:
+def resolve_hf_dir(path_or_id: str) -> Path:
     """A local directory as is; a hub id via snapshot_download (never while offline)."""
     p = Path(path_or_id).expanduser()
     if p.is_dir():
@@ -205,8 +211,8 @@ def load_hf_checkpoint(path_or_id: str, *, dtype: str = "float32") -> tuple[Mode
     Tensors are read one at a time (safetensors ``safe_open`` / ``torch.load(mmap=True)``), so peak
     memory is about one copy of the converted tree.
     """
-    npd = _np_dtype(dtype)
-    directory = _resolve_hf_dir(str(path_or_id))
+    npd = np_dtype(dtype)
+    directory = resolve_hf_dir(str(path_or_id))
     hf = read_hf_config(directory)
     cfg = _with_dtype(config_from_hf(hf, name=directory.name), dtype)
     src = _TensorSource(directory)
@@ -279,7 +285,7 @@ def _gguf_field(reader: Any, key: str, default: Any = ConversionError) -> Any:
 
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[ModelConfig, Params]:
     """A llama.cpp GGUF file -> (config, param tree), dequantizing each tensor on demand."""
-    npd = _np_dtype(dtype)
+    npd = np_dtype(dtype)
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConversionError(f"GGUF file not found: {path}")
@@ -422,6 +428,10 @@ def restore_converted(directory: str | os.PathLike) -> tuple[ModelConfig, Params
     if not (directory / _PARAMS_SUBDIR).is_dir():
         raise ConversionError(f"{directory}: missing orbax params folder {_PARAMS_SUBDIR!r}")
     cfg = ModelConfig.from_dict(json.loads(marker.read_text()))
+    try:
+        families.get(cfg.family)
+    except ValueError as e:
+        raise ConversionError(f"{marker}: {e}") from e
     params = ocp.PyTreeCheckpointer().restore(str(directory / _PARAMS_SUBDIR))
     return cfg, _to_device(params, jnp.dtype(cfg.param_dtype))
 
@@ -435,66 +445,12 @@ def converted_tokenizer(directory: str | os.PathLike) -> Any:
 
 
 def _check_finite(params: Params, what: str) -> None:
-    for path, leaf in _tree_paths(params):
+    for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
         a = np.asarray(leaf, dtype=np.float32)
         if not np.isfinite(a).all():
             raise ConversionError(
                 f"refusing to {what}: parameter {path!r} contains {int((~np.isfinite(a)).sum())} NaN/Inf value(s)"
             )
-
-
-def hf_model_type(cfg: ModelConfig) -> str:
-    if cfg.family in ("gpt2", "gptj"):
-        return cfg.family
-    if cfg.qk_norm:
-        return "qwen3"
-    if cfg.attn_bias:
-        return "qwen2"
-    return "llama"
-
-
-def hf_config_dict(cfg: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
-    """A transformers ``config.json`` dict for ``cfg``."""
-    mt = model_type or hf_model_type(cfg)
-    common = {"vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "dtype": "float32"}
-    if mt == "gpt2":
-        if not cfg.tie_embeddings:
-            raise ConversionError("gpt2 export needs tied embeddings")
-        return {**common, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": cfg.d_model,
-                "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
-                "n_positions": cfg.max_positions, "n_ctx": cfg.max_positions,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    if mt == "gptj":
-        return {**common, "model_type": "gptj", "architectures": ["GPTJForCausalLM"], "n_embd": cfg.d_model,
-                "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.d_ff,
-                "n_positions": cfg.max_positions, "rotary_dim": cfg.rotary_dim,
-                "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-    if mt not in ("llama", "qwen2", "qwen3"):
-        raise ConversionError(f"cannot export model_type {mt!r}; supported: gpt2, gptj, llama, qwen2, qwen3")
-    if mt == "llama" and cfg.attn_bias:
-        raise ConversionError("llama export cannot express q/k/v-only bias; use model_type='qwen2'")
-    if (mt == "qwen3") != cfg.qk_norm:
-        raise ConversionError(f"model_type {mt!r} does not match qk_norm={cfg.qk_norm}")
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[mt]
-    out = {**common, "model_type": mt, "architectures": [arch], "hidden_size": cfg.d_model,
-           "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-           "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hd,
-           "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
-           "rope_theta": cfg.rope_theta,
-           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-           "hidden_act": "silu", "attention_dropout": 0.0}
-    if mt == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    if mt == "qwen3":
-        out.update(attention_bias=False, use_sliding_window=False)
-    if mt == "qwen2":
-        if not cfg.attn_bias:
-            raise ConversionError("qwen2 export needs attn_bias=True (q/k/v bias)")
-        out.update(use_sliding_window=False)
-    return out
 
 
 def export_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer: Any = None,
@@ -506,7 +462,11 @@ def export_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, toke
     from safetensors.numpy import save_file
 
     _check_finite(params, what=f"export to {out_dir}")
-    hf_cfg = hf_config_dict(cfg, model_type)
+    fam = families.get(cfg.family)
+    if model_type is not None and model_type not in fam.model_types:
+        raise ConversionError(f"cannot export a {cfg.family} model as model_type {model_type!r} "
+                              f"(its family writes {', '.join(fam.model_types)})")
+    hf_cfg = fam.hf_config(cfg, model_type)
     state = params_to_hf(cfg, params)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -516,62 +476,3 @@ def export_hf(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, toke
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
-
-
-# ----------------------------------------------------------------------------- one entry point
-
-
-def _try_tokenizer(path: Path) -> Any:
-    """The tokenizer of a checkpoint dir / GGUF file, or None when it has none."""
-    try:
-        return load_tokenizer(path)
-    except ConversionError:
-        return None
-
-
-def _cast(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[ModelConfig, Params]:
-    if dtype is None or dtype == cfg.param_dtype:
-        return cfg, params
-    _np_dtype(dtype)
-    return _with_dtype(cfg, dtype), jax.tree.map(lambda a: a.astype(dtype), params)
-
-
-def load_model(spec: str, *, dtype: str | None = None) -> tuple[ModelConfig, Params, Any]:
-    """One entry point: ``smollm2``/``embedded`` | a ``.gguf`` file | a converted (orbax) dir |
-    an HF checkpoint dir | a hub id. Returns (config, params, tokenizer or None).
-
-    ``dtype`` None keeps the stored dtype (float32 for HF / GGUF sources)."""
-    spec = str(spec)
-    if spec.lower() in EMBEDDED_NAMES:
-        from models.embedded import load_smollm2
-
-        cfg, params, tok = load_smollm2()
-        return (*_cast(cfg, params, dtype), tok)
-    p = Path(spec).expanduser()
-    if dtype is not None:
-        _np_dtype(dtype)
-    if p.suffix == ".gguf":
-        cfg, params = load_gguf(p, dtype=dtype or "float32")
-        return cfg, params, _try_tokenizer(p)
-    if p.is_dir():
-        if is_converted_dir(p):
-            cfg, params = restore_converted(p)
-            return (*_cast(cfg, params, dtype), converted_tokenizer(p))
-        if (p / "config.json").is_file():
-            cfg, params = load_hf_checkpoint(str(p), dtype=dtype or "float32")
-            return cfg, params, _try_tokenizer(p)
-        raise ConversionError(
-            f"{p}: directory is neither an HF checkpoint (config.json) nor a converted model ({CONVERTED_MARKER})"
-        )
-    if p.exists():
-        raise ConversionError(f"{spec}: not a .gguf file or a model directory")
-    parts = spec.split("/")
-    if len(parts) == 2 and all(parts) and not spec.startswith((".", "~")):
-        cfg, params = load_hf_checkpoint(spec, dtype=dtype or "float32")
-        local = _resolve_hf_dir(spec)
-        return cfg, params, _try_tokenizer(local)
-    raise ConversionError(
-        f"unknown model {spec!r}; accepted: {' / '.join(EMBEDDED_NAMES)} (the embedded SmolLM2-135M), "
-        "a path to a .gguf file, a converted model directory (from save_converted), "
-        "an HF checkpoint directory (config.json + weights), or a hub id 'org/name' (online only)"
-    )

@@ -1,6 +1,6 @@
 """Fast KV-cached text generation (greedy and top-k sampling) on the model interface.
 
-Used for the MEMIT-style context templates (METHOD.md §2), sampling a corpus from the model for
+Used for the MEMIT-style context templates (METHOD.md §2, ``metake_jax/templates.py``), sampling a corpus from the model for
 the key statistics C_0 (METHOD.md §4), CounterFact fluency generations (METHOD.md §8) and greedy
 answers to GLUE-style prompts (REFERENCE.md §8).
 
@@ -38,13 +38,7 @@ from models.layers import Context, make_context
 Array = jax.Array
 Params = dict[str, Any]
 
-__all__ = [
-    "Generation", "SEED_WORDS", "context_templates", "generate", "generate_tokens", "sample_texts",
-    "template_from_text",
-]
-
-SEED_WORDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
-
+__all__ = ["Generation", "generate", "generate_tokens", "sample_texts"]
 
 class Generation(NamedTuple):
     """tokens: (B, T0 + max_new_tokens) prompt followed by the new tokens.
@@ -423,34 +417,3 @@ def sample_texts(
             text = tokenizer.decode(x + new, skip_special_tokens=skip_special_tokens)
             texts.append(_clean(text) if clean else text)
     return texts
-
-
-def template_from_text(text: str) -> str:
-    """A sampled prefix -> context template: braces become spaces, then ``". {}"`` (METHOD.md §2)."""
-    return text.replace("{", " ").replace("}", " ") + ". {}"
-
-
-def context_templates(
-    cfg: ModelConfig,
-    params: Params,
-    tokenizer: Any,
-    *,
-    seed: int = 0,
-    n_per_prompt: int = 1,
-    length: int = 10,
-    seed_words: Sequence[str] = SEED_WORDS,
-    skip_special_tokens: bool = True,
-    top_k: int = 5,
-) -> list[list[str]]:
-    """The MEMIT context templates ``[["{}"], [g_1 ... g_n]]`` (METHOD.md §2, REFERENCE.md §1).
-
-    Each g_j is a top-k (5) sample of ``length`` total tokens from a seed word, braces replaced by
-    spaces and ``". {}"`` appended.  Seeded and reproducible (the reference is unseeded).
-    ``skip_special_tokens=False`` reproduces the AE Llama-3 quirk (a literal BOS text prefix).
-    """
-    prompts = [w for w in seed_words for _ in range(n_per_prompt)]
-    texts = sample_texts(
-        cfg, params, tokenizer, prompts, max_out_len=length, top_k=top_k, seed=seed,
-        skip_special_tokens=skip_special_tokens,
-    )
-    return [["{}"], [template_from_text(t) for t in texts]]

@@ -16,14 +16,18 @@ Hooks:
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+import operator
+from typing import Any, NamedTuple, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from models import layers as L
 from models.config import ModelConfig
+from models.families import block_options
 from models.layers import Context, make_context
 
 Array = jax.Array
@@ -31,7 +35,7 @@ Params = dict[str, Any]
 
 __all__ = [
     "AddAt", "Context", "ForwardOut", "WDeltas", "block_at", "embed", "forward", "gather_positions",
-    "head", "layer_params", "make_context", "run_layers", "w_out",
+    "head", "layer_params", "make_context", "run_layers", "w_out", "with_w_out", "W_OUT_PATH",
 ]
 
 
@@ -58,14 +62,39 @@ def layer_params(params: Params, i: int | Array) -> Params:
     return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params["layers"])
 
 
-def w_out(params: Params, layer: int) -> Array:
-    """The edited weight of ``layer`` in Flax layout (d_k, d) — W_out^T of METHOD.md §1."""
-    return params["layers"]["mlp"]["fc_out"]["kernel"][layer]
+# The one place that names the edited weight's path (every family stores W_outᵀ there).
+W_OUT_PATH: tuple[str, ...] = ("layers", "mlp", "fc_out", "kernel")
+
+
+def w_out(params: Params, layers: int | Sequence[int]) -> Array:
+    """The edited weight W_outᵀ of METHOD.md §1 in Flax layout: (d_key, d_model) for one layer,
+    (m, d_key, d_model) for a sequence of m layers."""
+    k = functools.reduce(operator.getitem, W_OUT_PATH, params)
+    return k[layers] if isinstance(layers, int) else k[jnp.asarray(tuple(layers), jnp.int32)]
+
+
+def with_w_out(params: Params, layers: Sequence[int], values: Array, *, add: bool = False) -> Params:
+    """A new param tree whose edited weights of ``layers`` are ``values`` (or incremented by them).
+
+    values: (m, d_key, d_model), one per layer of ``layers`` (cast to the kernel dtype).  Only the
+    stacked fc_out kernel is new; every other leaf is shared with ``params``, which is not modified.
+    Works under jit (``layers`` a static tuple of ints).  Raises ValueError for a ``values`` shape other
+    than (len(layers), d_key, d_model).
+    """
+    flat = traverse_util.flatten_dict(params)
+    k = flat[W_OUT_PATH]
+    if tuple(values.shape) != (len(layers), *k.shape[1:]):
+        raise ValueError(f"fc_out values of shape {tuple(values.shape)} for layers {tuple(layers)}; "
+                         f"expected {(len(layers), *k.shape[1:])}")
+    idx, v = jnp.asarray(tuple(layers), jnp.int32), jnp.asarray(values, k.dtype)
+    flat[W_OUT_PATH] = k.at[idx].add(v) if add else k.at[idx].set(v)
+    return traverse_util.unflatten_dict(flat)
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: Array, ctx: Context) -> Array:
+    """Token (+ learned position, ``BlockOptions.learned_positions``) embeddings: (B, T) -> (B, T, d)."""
     h = jnp.take(params["embed"]["wte"], tokens, axis=0)
-    if cfg.family == "gpt2":
+    if block_options(cfg).learned_positions:
         h = h + jnp.take(params["embed"]["wpe"], ctx.positions, axis=0)
     return h.astype(cfg.dtype)
 

@@ -1,8 +1,10 @@
-"""Per-family transformer blocks as pure functions over one layer's params.
+"""The generic transformer block as pure functions over one layer's params.
 
-Each function takes ``lp`` = one layer's slice of ``params['layers']`` (see models/config.py for
-the layout) and returns the block output and the MLP key (METHOD.md §1: the input of the FFN
-output projection ``fc_out``).
+Each function takes ``lp`` = one layer's slice of ``params['layers']`` (layout:
+``models/families/base.py``) and returns the block output and the MLP key (METHOD.md §1: the input
+of the FFN output projection ``fc_out``).  How the block runs (norm, rotary, parallel or
+sequential, gated MLP) is the family's ``BlockOptions`` (``models.families.block_options(cfg)``);
+no function here names a family.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.families import block_options
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -59,7 +62,8 @@ def rms_norm(p: Params, x: Array, eps: float) -> Array:
 
 
 def norm(cfg: ModelConfig, p: Params, x: Array) -> Array:
-    if cfg.family == "llama":
+    """The family's norm (LayerNorm or RMSNorm, ``BlockOptions.norm``) over the last axis."""
+    if block_options(cfg).norm == "rms":
         return rms_norm(p, x, cfg.norm_eps)
     return layer_norm(p, x, cfg.norm_eps)
 
@@ -78,6 +82,9 @@ def gelu_new(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"gelu_new": gelu_new, "silu": jax.nn.silu}
+
+
 # ----------------------------------------------------------------------------- rotary
 
 
@@ -86,16 +93,18 @@ def _rope_angles(positions: Array, rot: int, theta: float) -> Array:
     return positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, rot/2)
 
 
-def rope_half(x: Array, positions: Array, theta: float) -> Array:
-    """Llama/NeoX rotary: halves rotated (HF ``rotate_half``). x: (B, T, H, hd)."""
-    hd = x.shape[-1]
-    ang = _rope_angles(positions, hd, theta)
+def rope_half(x: Array, positions: Array, theta: float, rot_dim: int | None = None) -> Array:
+    """NeoX/Llama rotary on the first ``rot_dim`` dims (default all), their two halves rotated
+    together (pair (i, i + rot_dim/2)); the other dims pass through.  x: (B, T, H, hd)."""
+    rd = rot_dim or x.shape[-1]
+    ang = _rope_angles(positions, rd, theta)
     cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, :, None, :]
     sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, :, None, :]
     x32 = f32(x)
-    x1, x2 = x32[..., : hd // 2], x32[..., hd // 2 :]
-    rot = jnp.concatenate([-x2, x1], -1)
-    return (x32 * cos + rot * sin).astype(x.dtype)
+    xr, xp = x32[..., :rd], x32[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+    xr = xr * cos + jnp.concatenate([-x2, x1], -1) * sin
+    return (jnp.concatenate([xr, xp], -1) if xp.shape[-1] else xr).astype(x.dtype)
 
 
 def rope_interleaved(x: Array, positions: Array, rot_dim: int, theta: float) -> Array:
@@ -128,11 +137,11 @@ def qkv_proj(cfg: ModelConfig, p: Params, x: Array, positions: Array) -> tuple[A
     if cfg.qk_norm:
         q = rms_norm(p["q_norm"], q, cfg.norm_eps)
         k = rms_norm(p["k_norm"], k, cfg.norm_eps)
-    if cfg.family == "llama":
-        q = rope_half(q, positions, cfg.rope_theta)
-        k = rope_half(k, positions, cfg.rope_theta)
-    elif cfg.family == "gptj":
-        rd = cfg.rotary_dim or hd
+    rope, rd = block_options(cfg).rope, cfg.rotary_dim or hd
+    if rope == "half":
+        q = rope_half(q, positions, cfg.rope_theta, rd)
+        k = rope_half(k, positions, cfg.rope_theta, rd)
+    elif rope == "interleaved":
         q = rope_interleaved(q, positions, rd, cfg.rope_theta)
         k = rope_interleaved(k, positions, rd, cfg.rope_theta)
     return q, k, v
@@ -159,10 +168,12 @@ def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
 
 
 def mlp_key(cfg: ModelConfig, p: Params, x: Array) -> Array:
-    """The key k = input of fc_out (METHOD.md §1); x is the normed MLP input."""
-    if cfg.family == "llama":
-        return jax.nn.silu(dense(p["gate"], x)) * dense(p["up"], x)
-    return gelu_new(dense(p["fc_in"], x))
+    """The key k = input of fc_out (METHOD.md §1); x: (B, T, d) normed MLP input -> (B, T, d_key)."""
+    opts = block_options(cfg)
+    act = ACTIVATIONS[opts.activation]
+    if opts.gated_mlp:
+        return act(dense(p["gate"], x)) * dense(p["up"], x)
+    return act(dense(p["fc_in"], x))
 
 
 def block_with_attention(
@@ -176,7 +187,7 @@ def block_with_attention(
     (attention output, aux)``.  Returns (block output h_l, key k_l, aux).  ``block`` uses the
     plain causal ``attention``; the KV-cached decoder (models/generate.py) passes a cached one.
     """
-    if cfg.family == "gptj":
+    if block_options(cfg).parallel:
         hn = norm(cfg, lp["ln_1"], x)
         key = mlp_key(cfg, lp["mlp"], hn)
         a, aux = attn_fn(lp["attn"], hn)

@@ -1,9 +1,7 @@
-"""Test setup: repo root importable, HF hub offline, float32 matmuls at highest precision."""
+"""Test setup: HF hub offline, float32 matmuls at highest precision (the project is pip-installed
+(editable); `tests` imports from the repo root through pyproject's pytest pythonpath)."""
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

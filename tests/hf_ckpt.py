@@ -2,7 +2,7 @@
 
 Every family the converter supports, with the awkward features turned on: GPT-2 tied Conv1D,
 GPT-J lm_head bias + partial interleaved rotary, Llama GQA tied/untied, Qwen2 q/k/v bias,
-Qwen3 q/k-norm with head_dim != d/H.
+Qwen3 q/k-norm with head_dim != d/H, Phi parallel block with partial NeoX rotary, GQA and biases.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 VOCAB = 61
-FAMILIES = ("gpt2", "gptj", "llama_tied", "llama_untied", "qwen2", "qwen3")
+FAMILIES = ("gpt2", "gptj", "llama_tied", "llama_untied", "qwen2", "qwen3", "phi")
 
 
 def build(kind: str, seed: int = 0):
@@ -38,6 +38,10 @@ def build(kind: str, seed: int = 0):
     elif kind == "qwen3":
         args = {**llama_args, "head_dim": 16}
         m = tf.Qwen3ForCausalLM(tf.Qwen3Config(tie_word_embeddings=True, **args, **common))
+    elif kind == "phi":
+        args = {k: v for k, v in llama_args.items() if k != "rms_norm_eps"}  # GQA 4/2, hd 8, rotary 4
+        m = tf.PhiForCausalLM(tf.PhiConfig(partial_rotary_factor=0.5, layer_norm_eps=1e-5, tie_word_embeddings=False,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, **args, **common))
     else:
         raise ValueError(kind)
     m.eval()
@@ -87,7 +91,7 @@ def decoder_layers(model):
 
 def fc_out_module(model, layer: int):
     mlp = decoder_layers(model)[layer].mlp
-    for name in ("c_proj", "fc_out", "down_proj"):
+    for name in ("c_proj", "fc_out", "down_proj", "fc2"):
         if hasattr(mlp, name):
             return getattr(mlp, name)
     raise AttributeError("no FFN output projection")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import convert
+from models import convert, load
 from models.convert import ConversionError
 from models.interface import forward
 from tests import hf_ckpt
@@ -118,7 +118,7 @@ def test_orbax_round_trip(llama, tmp_path, dtype):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    cfg3, params3, tok = convert.load_model(str(tmp_path / "conv"))
+    cfg3, params3, tok = load.load_model(str(tmp_path / "conv"))
     assert cfg3 == cfg and tok is None
 
 
@@ -184,12 +184,12 @@ def test_error_hub_id_offline(monkeypatch):
     with pytest.raises(ConversionError, match=r"'someorg/some-model'.*HF_HUB_OFFLINE.*local directory"):
         convert.load_hf_checkpoint("someorg/some-model")
     with pytest.raises(ConversionError, match=r"someorg/some-model.*HF_HUB_OFFLINE"):
-        convert.load_model("someorg/some-model")
+        load.load_model("someorg/some-model")
 
 
 def test_error_unknown_model_spec():
     with pytest.raises(ConversionError, match=r"unknown model 'gpt5'.*smollm2.*gguf.*hub id"):
-        convert.load_model("gpt5")
+        load.load_model("gpt5")
 
 
 def test_error_bad_dtype(llama, tmp_path):

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.generate import (
-    context_templates, generate, generate_tokens, sample_texts, template_from_text,
-)
+from metake_jax.templates import context_templates, template_from_text
+from models.generate import generate, generate_tokens, sample_texts
 from models.interface import forward
 from tests.tiny import tiny_hf_model, tiny_tokenizer, to_jax
 

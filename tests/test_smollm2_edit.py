@@ -48,7 +48,7 @@ def _top1(cfg, params, tok, prompts):
 def test_alphaedit_sequential_on_smollm2(smol, tmp_path):
     cfg, params, tok = smol
     layers = tuple(SMOLLM2_TUNED["layers"])
-    from models.generate import context_templates
+    from metake_jax.templates import context_templates
 
     templates = context_templates(cfg, params, tok, seed=0)
     C0 = layer_stats(cfg, params, tok, layers, CorpusSpec(kind="model", seed=1), n_samples=32, max_len=64,

@@ -15,8 +15,7 @@ from metake_jax import stats as S
 from metake_jax.errors import StatsMissingError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import tiny_hf_model, tiny_tokenizer, to_jax  # noqa: E402
+from tests.tiny import tiny_hf_model, tiny_tokenizer, to_jax
 
 LAYERS = (1, 2)
 MAX_LEN = 64

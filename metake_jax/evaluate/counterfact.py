@@ -33,7 +33,7 @@ import numpy as np
 from metake_jax.evaluate.scoring import score_pairs
 from metake_jax.evaluate.text_metrics import TfidfModel, load_attribute_snippets, ngram_entropy
 from metake_jax.requests import Case, target_text
-from models.interface import WDeltas
+from models.interface import WDeltas, with_w_out
 
 __all__ = [
     "apply_w_out_deltas", "case_metrics", "evaluate_counterfact", "harmonic_mean", "summarize_cases",
@@ -132,11 +132,7 @@ def apply_w_out_deltas(params: Any, w_out_deltas: WDeltas | None) -> Any:
     """A param tree with the deltas added to the fc_out kernels (copies only that array)."""
     if w_out_deltas is None:
         return params
-    k = params["layers"]["mlp"]["fc_out"]["kernel"]
-    for j, l in enumerate(w_out_deltas.layers):
-        k = k.at[l].add(w_out_deltas.delta[j].astype(k.dtype))
-    mlp = dict(params["layers"]["mlp"], fc_out=dict(params["layers"]["mlp"]["fc_out"], kernel=k))
-    return dict(params, layers=dict(params["layers"], mlp=mlp))
+    return with_w_out(params, w_out_deltas.layers, w_out_deltas.delta, add=True)
 
 
 def _fluency_prompts(case: Case) -> tuple[list[str], str]:

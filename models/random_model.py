@@ -1,13 +1,14 @@
 """Random-weight models and an in-process tokenizer, for tests, the ``tiny`` config and benchmarks.
 
-Model spec form accepted by ``metake_jax.runner.load_model_spec``::
+Model spec form accepted by ``models.load.load_model``::
 
-    random:<family>[:<size>]      family ∈ gpt2 | gptj | llama | qwen3;  size ∈ SIZES (default tiny)
+    random:<variant>[:<size>]     variant: a family's ``random_variants`` (gpt2, gptj, llama, qwen2,
+                                  qwen3, ...);  size ∈ SIZES (default tiny)
 
 ``tiny``/``small`` use the vocabulary of the in-process byte-level BPE tokenizer
 (:func:`builtin_tokenizer`); the named full-size shapes (``gpt2-xl``, ``gpt-j-6b``, ``llama3-8b``,
 ``smollm2-135m``) are for ``bench/edit_speed.py --random`` (timing only, no tokenizer needed).
-Params follow the layout of ``models/config.py`` (stacked layer axis, Flax (in, out) kernels).
+Params follow the family's layout (``models/families/``: stacked layer axis, Flax (in, out) kernels).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import families
 from models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -31,7 +33,6 @@ SIZES: dict[str, tuple[int, int, int, int | None, int, int | None]] = {
     "gpt-j-6b": (4096, 28, 16, None, 16384, 50400),
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
 }
-FAMILIES = ("gpt2", "gptj", "llama", "qwen3")
 
 # A small built-in corpus for the tokenizer (project-written sentences; no external data).
 _CORPUS = (
@@ -64,65 +65,24 @@ def builtin_tokenizer(vocab_size: int = 384) -> Any:
 
 def random_config(family: str, size: str = "tiny", *, vocab_size: int | None = None,
                   dtype: str = "float32") -> ModelConfig:
-    """The ``ModelConfig`` of a random model of ``family`` with the shapes of ``size``."""
-    if family not in FAMILIES:
-        raise ValueError(f"random model: unknown family {family!r} (known: {', '.join(FAMILIES)})")
+    """The ``ModelConfig`` of a random model of ``family`` (a random variant such as ``"qwen3"``)
+    with the shapes of ``size``.  ValueError for an unknown variant / size or a missing vocab_size."""
+    fam, overrides = families.random_variant(family)
     if size not in SIZES:
         raise ValueError(f"random model: unknown size {size!r} (known: {', '.join(SIZES)})")
     d, n, h, kv, dff, V = SIZES[size]
     V = V or vocab_size
     if V is None:
         raise ValueError(f"random model size {size!r} needs vocab_size")
-    common = dict(vocab_size=int(V), d_model=d, n_layers=n, n_heads=h, d_ff=dff, name=f"random-{family}-{size}",
-                  param_dtype=dtype, compute_dtype=dtype, eos_token_id=0)
-    if family == "gpt2":
-        return ModelConfig(family="gpt2", max_positions=1024, tie_embeddings=True, norm_eps=1e-5, **common)
-    if family == "gptj":
-        return ModelConfig(family="gptj", max_positions=2048, rotary_dim=max(4, (d // h) // 4),
-                           lm_head_bias=True, **common)
-    return ModelConfig(family="llama", n_kv_heads=kv or h, activation="silu", norm_eps=1e-5,
-                       rope_theta=10000.0 if size in ("tiny", "small") else 500000.0,
-                       qk_norm=(family == "qwen3"), max_positions=4096, **common)
+    return fam.random_config(
+        size not in ("tiny", "small"), vocab_size=int(V), d_model=d, n_layers=n, n_heads=h, n_kv_heads=kv,
+        d_ff=dff, name=f"random-{family}-{size}", param_dtype=dtype, compute_dtype=dtype, eos_token_id=0,
+        **overrides)
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
-    """Nested dict of shapes, the param tree layout of models/config.py."""
-    d, dk, V, N = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
-    hq, hkv = cfg.n_heads * cfg.hd, cfg.kv_heads * cfg.hd
-    layernorm = cfg.family in ("gpt2", "gptj")
-    layers: Params = {"ln_1": {"scale": (N, d)}}
-    if layernorm:
-        layers["ln_1"]["bias"] = (N, d)
-    if cfg.family != "gptj":
-        layers["ln_2"] = {"scale": (N, d)}
-        if layernorm:
-            layers["ln_2"]["bias"] = (N, d)
-    attn: Params = {"q": {"kernel": (N, d, hq)}, "k": {"kernel": (N, d, hkv)}, "v": {"kernel": (N, d, hkv)},
-                    "o": {"kernel": (N, hq, d)}}
-    if cfg.family == "gpt2" or cfg.attn_bias:
-        for p, w in (("q", hq), ("k", hkv), ("v", hkv)):
-            attn[p]["bias"] = (N, w)
-    if cfg.family == "gpt2":
-        attn["o"]["bias"] = (N, d)
-    if cfg.qk_norm:
-        attn["q_norm"] = {"scale": (N, cfg.hd)}
-        attn["k_norm"] = {"scale": (N, cfg.hd)}
-    layers["attn"] = attn
-    if cfg.family == "llama":
-        mlp: Params = {"gate": {"kernel": (N, d, dk)}, "up": {"kernel": (N, d, dk)}, "fc_out": {"kernel": (N, dk, d)}}
-    else:
-        mlp = {"fc_in": {"kernel": (N, d, dk), "bias": (N, dk)}, "fc_out": {"kernel": (N, dk, d), "bias": (N, d)}}
-    layers["mlp"] = mlp
-    out: Params = {"embed": {"wte": (V, d)}, "layers": layers, "ln_f": {"scale": (d,)}}
-    if cfg.family == "gpt2":
-        out["embed"]["wpe"] = (cfg.max_positions, d)
-    if layernorm:
-        out["ln_f"]["bias"] = (d,)
-    if not cfg.tie_embeddings:
-        out["lm_head"] = {"kernel": (d, V)}
-        if cfg.lm_head_bias:
-            out["lm_head"]["bias"] = (V,)
-    return out
+    """Nested dict of leaf shapes of ``cfg``'s param tree (the family's layout)."""
+    return families.get(cfg.family).param_shapes(cfg)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, *, std: float = 0.05) -> Params:
@@ -148,11 +108,11 @@ def random_params(cfg: ModelConfig, seed: int = 0, *, std: float = 0.05) -> Para
 
 
 def parse_random_spec(spec: str) -> tuple[str, str]:
-    """``random:<family>[:<size>]`` -> (family, size)."""
+    """``random:<variant>[:<size>]`` -> (variant, size); ValueError for another form."""
     parts = spec.split(":")
     if parts[0] != "random" or len(parts) not in (2, 3) or not parts[1]:
-        raise ValueError(f"bad random model spec {spec!r}; expected random:<family>[:<size>] "
-                         f"with family in {FAMILIES} and size in {tuple(SIZES)}")
+        raise ValueError(f"bad random model spec {spec!r}; expected random:<family>[:<size>] with size in "
+                         f"{tuple(SIZES)}")
     return parts[1], parts[2] if len(parts) == 3 else "tiny"
 
 
