@@ -139,7 +139,7 @@ def paired_comparison(runs: list[dict[str, Any]], *, baseline: str | None = None
     Raises ValueError (one line) for mixed benchmarks, an unknown baseline, runs without per-case
     metrics, shared seeds with different cases, or no shared seed.
     """
-    from metake_jax.analysis import paired_bootstrap, verdict
+    from metake_jax.statistics import paired_bootstrap, verdict
 
     if not runs:
         raise ValueError("paired_comparison: no runs")

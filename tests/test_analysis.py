@@ -187,8 +187,7 @@ def fake_runs(tmp_path):
 
 
 def test_compare_paired_table_numbers(fake_runs, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    import compare
+    from launch import compare
 
     runs, raw = fake_runs
     out_json = tmp_path / "cmp.json"
@@ -219,8 +218,7 @@ def test_compare_paired_table_numbers(fake_runs, tmp_path, capsys):
 
 
 def test_compare_errors_and_plain_table(fake_runs, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    import compare
+    from launch import compare
 
     runs, _ = fake_runs
     # plain table (compare_table) still works on the same directories

@@ -28,14 +28,15 @@ LAYERS: dict[str, list[set[str]]] = {
         {"load"},
     ],
     "metake_jax": [
-        {"errors", "sharding", "checkpoint", "report", "evaluate.text_metrics", "evaluate.classification"},
+        {"errors", "sharding", "checkpoint", "statistics", "evaluate.text_metrics", "evaluate.classification"},
+        {"report"},
         {"requests", "tokens", "projector", "templates"},
         {"batch", "editors", "stats", "data.loaders", "data", "evaluate.scoring"},
         {"keys", "targets", "evaluate.counterfact", "evaluate.zsre"},
         {"write", "evaluate.glue"},
         {"metake", "evaluate"},
         {"editor", "hypergrad"},
-        {"runner"},
+        {"runner", "analysis"},
         {"experiment"},  # set-up shared by launchers and benchmarks, on top of the runner
     ],
 }
