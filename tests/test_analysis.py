@@ -3,7 +3,6 @@ launch/compare.py.  Fast: a tiny random model and synthetic per-case outcomes.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
