@@ -70,11 +70,11 @@ def get_config() -> ConfigDict:
     # MetaKE refinement (METHOD.md §6); used by the metake* methods
     c.metake = ConfigDict()
     c.metake.steps = 15  # T outer steps
-    c.metake.lr = 0.5  # η, in residual units with anchor=relative (see metake_jax/metake.py)
+    c.metake.lr = 1e-3  # η, in residual units with anchor=relative (tuned on SmolLM2, bench/RESULTS.md)
     c.metake.gate = "structural"  # structural | keyonly (set by method=metake_keyonly)
     c.metake.feedback = "gated"  # gated | stopgrad | ungated (set by method=metake_stopgrad / metake_ungated)
     c.metake.anchor = "relative"  # relative: ‖z−z⁰‖²/‖r⁰‖², steps in residual units (scale-invariant) | absolute: literal
-    c.metake.line_search = True  # Armijo backtracking per request (ℓ_meta never rises)
+    c.metake.line_search = "batch"  # Armijo: batch (Σ ℓ_meta never rises) | request (no request's ℓ_meta rises) | none
     c.metake.max_halvings = 8
     c.metake.weights = ConfigDict(dict(edit=1.0, loc=1.0, anchor=1.0))  # a = weights.anchor: the trade-off knob
     c.metake.prompts = "all"  # all | bare: rows scoring the virtual model (bare + KL prompt: ~3.5x cheaper)

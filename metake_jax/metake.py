@@ -13,12 +13,11 @@ Units (METHOD.md §6 "Units"): with ``anchor="relative"`` (default) ``s_i = ‖r
 planned residual ``r⁰_i = z⁰_i − h_L,i``, and the outer step is gradient descent in residual units,
 ``z_i ← z_i − η_i s_i g_i``; the refined Z is then invariant under a rescaling of the residual
 stream.  ``anchor="absolute"`` is the literal reading (``s_i = 1``: anchor in hidden-state units,
-``z_i ← z_i − η g_i``).  With ``line_search=True`` each request's step η_i starts at η and is halved
-(Armijo, c = 1e-4) until every request's ℓ_meta,i decreases sufficiently at the joint trial point —
-so ℓ_meta,i never rises along the scan; a request whose step falls below ``η·2^-max_halvings`` stays
-where it is.  T outer steps run inside one ``lax.scan``; an accepted trial's loss and gradient are
-reused by the next step, so a step whose first trial is accepted costs one value-and-gradient, as
-plain gradient descent does.
+``z_i ← z_i − η g_i``).  Armijo backtracking (``line_search``, c = 1e-4; ``outer_steps``) keeps the
+batch's ℓ_meta (``"batch"``, default) or every request's ℓ_meta,i (``"request"``) from rising.  T
+outer steps run inside one ``lax.scan``; an accepted trial's loss and gradient are reused by the next
+step, so a step whose first trial is accepted costs one value-and-gradient, as plain gradient descent
+does.
 
 Ablations (Table 2) are switches of ``MetaKEConfig``:
 * ``steps=0``              — w/o bi-level (plain AlphaEdit / MEMIT targets);
@@ -53,6 +52,7 @@ Array = jax.Array
 ANCHORS = ("relative", "absolute")
 FEEDBACKS = ("gated", "stopgrad", "ungated")
 GATES = ("structural", "keyonly")
+LINE_SEARCHES = ("batch", "request", "none")
 ARMIJO_C = 1e-4  # sufficient-decrease constant of the backtracking line search
 
 
@@ -65,11 +65,11 @@ class MetaKEConfig:
     """
 
     steps: int = 15  # T (paper Table 3)
-    lr: float = 0.5  # η
+    lr: float = 1e-3  # η (residual units with anchor="relative"; tuned on SmolLM2, bench/RESULTS.md)
     gate: str = "structural"  # "structural" | "keyonly"
     feedback: str = "gated"  # "gated" | "stopgrad" | "ungated"
     anchor: str = "relative"  # "relative" (scale-invariant, default) | "absolute" (literal reading)
-    line_search: bool = True  # Armijo backtracking per request: ℓ_meta,i never rises
+    line_search: str = "batch"  # Armijo backtracking: "batch" | "request" | "none" (see outer_steps)
     max_halvings: int = 8
     edit_weight: float = 1.0
     loc_weight: float = 1.0
@@ -81,7 +81,7 @@ class MetaKEConfig:
 
     def __post_init__(self) -> None:
         for field, allowed in (("gate", GATES), ("feedback", FEEDBACKS), ("anchor", ANCHORS),
-                               ("prompts", ("all", "bare"))):
+                               ("prompts", ("all", "bare")), ("line_search", LINE_SEARCHES)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"metake.{field}={getattr(self, field)!r} is not one of {' | '.join(allowed)}")
         if self.steps < 0 or self.max_halvings < 0:
@@ -187,58 +187,67 @@ class RefineResult(NamedTuple):
 
 
 def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: MetaKEConfig):
-    """T outer steps ``z_i ← z_i − η_i s_i g_i`` with per-request Armijo backtracking, one ``lax.scan``.
+    """T outer steps ``z_i ← z_i − τ_i η s_i g_i`` with Armijo backtracking, one ``lax.scan``.
 
     ``loss_and_grad(Z) -> (per-request ℓ (n_pad,), ∇_Z Σ_i valid_i ℓ_i (d, n_pad))``.
-    Returns (Z^(T), ℓ along the path (T+1, n_pad), accepted η_i (T, n_pad), evaluations per step (T,)).
+    Returns (Z^(T), ℓ along the path (T+1, n_pad), accepted η τ_i (T, n_pad), evaluations per step (T,)).
 
-    A trial moves every request at once (the look-ahead couples them through Δ_L); requests whose
-    ℓ_i did not fall by ``c η_i s_i ‖g_i‖²`` halve their η_i and all are tried again (if a request
-    already at η_i = 0 got worse, everybody halves).  η_i below ``η·2^-max_halvings`` becomes 0; if
-    the budget of rounds is spent with any request failing, nobody moves in that step — so ℓ_i
-    never rises.
+    ``line_search``:
+    * ``"batch"`` (default): one factor τ for the batch, halved until Σ_i ℓ_i falls by at least
+      ``c τ η Σ_i s_i ‖g_i‖²`` — the batch's ℓ_meta never rises.  Requests are coupled through Δ_L
+      (each request's virtual model carries every request's edit), so a step along ∇ Σ_i ℓ_i can raise
+      one request's ℓ_i to first order however small it is; this mode allows that and says how often
+      it happened (``RefineResult.losses``).
+    * ``"request"``: a step τ_i per request, halved for the requests whose ℓ_i did not fall by
+      ``c τ_i η s_i ‖g_i‖²`` at the joint trial point (if a request already at τ_i = 0 got worse,
+      everybody halves) — every request's ℓ_i never rises, at the price of stalling when the coupling
+      raises a converged request's ℓ_i (measured on SmolLM2: bench/RESULTS.md).
+    * ``"none"``: plain steps (the literal reading).
+    τ below ``2^-max_halvings`` becomes 0; if the budget of rounds is spent while the condition
+    fails, nobody moves in that step.  A step whose first trial is accepted costs one evaluation.
     """
     eta0 = mcfg.lr
-    eta_min = eta0 * 0.5 ** mcfg.max_halvings
-    max_rounds = (mcfg.max_halvings + 1) * 2
+    tau_min = 0.5 ** mcfg.max_halvings
+    max_rounds = (mcfg.max_halvings + 1) * (2 if mcfg.line_search == "request" else 1)
+    per_request = mcfg.line_search == "request"
 
-    def trial(Z, eta, g):
-        return Z - (eta * scale)[None, :] * g
+    def trial(Z, tau, g):
+        return Z - (eta0 * tau * scale)[None, :] * g
 
     def step(carry, _):
         Z, per, g = carry
-        gsq = jnp.sum(jnp.square(g), axis=0) * scale  # s_i ‖g_i‖²
-        if not mcfg.line_search:
-            eta = jnp.full_like(per, eta0) * valid
-            Zn = trial(Z, eta, g)
-            pn, gn = loss_and_grad(Zn)
-            return (Zn, pn, gn), (pn, eta, jnp.asarray(1))
+        gsq = jnp.sum(jnp.square(g), axis=0) * scale * valid  # s_i ‖g_i‖²
+        tau = valid.astype(per.dtype)
+        pn, gn = loss_and_grad(trial(Z, tau, g))
+        if mcfg.line_search == "none":
+            return (trial(Z, tau, g), pn, gn), (pn, eta0 * tau, jnp.asarray(1))
 
-        def failing(eta, pn):  # a request at η_i = 0 fails if the others' moves raised its ℓ_i
-            return (valid > 0) & (pn > per - ARMIJO_C * eta * gsq)
+        def failing(tau, pn):
+            if per_request:  # a request at τ_i = 0 fails if the others' moves raised its ℓ_i
+                return (valid > 0) & (pn > per - ARMIJO_C * eta0 * tau * gsq)
+            drop = jnp.sum((per - pn) * valid)
+            return jnp.broadcast_to(drop < ARMIJO_C * eta0 * jnp.sum(tau * gsq), per.shape) & (valid > 0)
 
         def cond(s):
-            eta, pn, gn, r = s
-            return jnp.any(failing(eta, pn)) & (r < max_rounds)
+            tau, pn, gn, r = s
+            return jnp.any(failing(tau, pn)) & (r < max_rounds)
 
         def body(s):
-            eta, pn, gn, r = s
-            bad = failing(eta, pn)
-            stuck = jnp.any(bad & (eta == 0))  # only the others can help it: everybody halves
-            eta = jnp.where(bad | stuck, eta * 0.5, eta)
-            eta = jnp.where(eta < eta_min, 0.0, eta)
-            pn, gn = loss_and_grad(trial(Z, eta, g))
-            return eta, pn, gn, r + 1
+            tau, pn, gn, r = s
+            bad = failing(tau, pn)
+            stuck = jnp.any(bad & (tau == 0))  # only the others can help it: everybody halves
+            tau = jnp.where(bad | stuck, tau * 0.5, tau)
+            tau = jnp.where(tau < tau_min, 0.0, tau)
+            pn, gn = loss_and_grad(trial(Z, tau, g))
+            return tau, pn, gn, r + 1
 
-        eta = jnp.full_like(per, eta0) * valid
-        pn, gn = loss_and_grad(trial(Z, eta, g))
-        eta, pn, gn, rounds = jax.lax.while_loop(cond, body, (eta, pn, gn, jnp.asarray(0)))
-        ok = ~jnp.any(failing(eta, pn))
-        eta = jnp.where(ok, eta, 0.0)
-        Zn = jnp.where(ok, trial(Z, eta, g), Z)
+        tau, pn, gn, rounds = jax.lax.while_loop(cond, body, (tau, pn, gn, jnp.asarray(0)))
+        ok = ~jnp.any(failing(tau, pn))
+        tau = jnp.where(ok, tau, 0.0)
+        Zn = jnp.where(ok, trial(Z, tau, g), Z)
         pn = jnp.where(ok, pn, per)
         gn = jnp.where(ok, gn, g)
-        return (Zn, pn, gn), (pn, eta, rounds + 1)
+        return (Zn, pn, gn), (pn, eta0 * tau, rounds + 1)
 
     per0, g0 = loss_and_grad(Z0)
     (Z, _, _), (curve, etas, trials) = jax.lax.scan(step, (Z0, per0, g0), None, length=mcfg.steps)

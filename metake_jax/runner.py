@@ -115,7 +115,7 @@ def edit_config(c: Any) -> EditConfig:
         w = _get(c, "metake.weights", {}) or {}
         fields = dict(
             steps=int(m.steps), lr=float(m.lr), gate=str(m.gate), feedback=str(_get(c, "metake.feedback", "gated")),
-            anchor=str(_get(c, "metake.anchor", "relative")), line_search=bool(_get(c, "metake.line_search", True)),
+            anchor=str(_get(c, "metake.anchor", "relative")), line_search=str(_get(c, "metake.line_search", "batch")),
             max_halvings=int(_get(c, "metake.max_halvings", 8)),
             edit_weight=float(w.get("edit", 1.0)), loc_weight=float(w.get("loc", 1.0)),
             anchor_weight=float(w.get("anchor", 1.0)), prompts=str(_get(c, "metake.prompts", "all")))
