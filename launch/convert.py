@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2", "smollm2 | .gguf file | converted dir | HF dir | hub id")
@@ -88,9 +88,13 @@ def main(argv):
         print("exported HF checkpoint to", convert.export_hf(FLAGS.export_hf, cfg, params, tokenizer=tok))
     if FLAGS.predict:
         if tok is None:
-            raise app.UsageError(f"--predict needs a tokenizer; none found for {FLAGS.model!r}")
+            from launch._common import fail
+
+            fail(f"--predict needs a tokenizer; none found for {FLAGS.model!r}")
         predict(cfg, params, tok, top_k=FLAGS.top_k)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch._common import run_cli
+
+    run_cli(main)
