@@ -22,7 +22,7 @@ import numpy as np
 from metake_jax.errors import RequestError
 from metake_jax.requests import check_conflicts, check_request, join_target, prompt_text
 from metake_jax.tokens import (
-    bucket, bucket_requests, encode, encode_pairs, fill, pad_id, pad_right, subject_last_index,
+    ChatFormat, bucket, bucket_requests, encode, encode_pairs, fill, pad_id, pad_right, subject_last_index,
 )
 
 KL_TEMPLATE = "{} is a"
@@ -71,7 +71,7 @@ def template_weights(templates: Sequence[Sequence[str]]) -> tuple[list[str], np.
 
 
 def rewrite_rows(
-    tokenizer: Any, req: Any, flat_templates: Sequence[str], *, chat: Any = None,
+    tokenizer: Any, req: Any, flat_templates: Sequence[str], *, chat: ChatFormat | None = None,
     max_positions: int | None = None,
 ) -> tuple[list[list[int]], list[int], list[int]]:
     """One request's rewriting rows (one per context template): token rows of prompt + target
@@ -107,7 +107,7 @@ def prepare_batch(
     templates: Sequence[Sequence[str]],
     *,
     n_pad: int | None = None,
-    chat: Any = None,
+    chat: ChatFormat | None = None,
     max_positions: int | None = None,
 ) -> tuple[EditBatch, int]:
     """Tokenize ``requests`` (EditRequest-like: case_id, subject, prompt, target_new).

@@ -20,6 +20,7 @@ from metake_jax.batch import EditBatch, prepare_batch, rows_per_request, select_
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
+from metake_jax.tokens import ChatFormat
 from metake_jax.write import (
     EditorConfig, LayerStats, apply_deltas, check_write, multilayer_write, updated_key_cache,
 )
@@ -150,7 +151,7 @@ def edit_batch(
     ecfg: EditConfig,
     *,
     n_pad: int | None = None,
-    chat: Any = None,
+    chat: ChatFormat | None = None,
 ) -> tuple[EditState, BatchReport]:
     """Edit one batch of requests on top of ``state``; returns the new state and a report.
 

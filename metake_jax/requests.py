@@ -27,7 +27,7 @@ import unicodedata
 from typing import Any, Iterable, Literal
 
 from metake_jax.errors import RequestError
-from metake_jax.tokens import encode_pairs, fill, subject_last_index
+from metake_jax.tokens import ChatFormat, encode_pairs, fill, subject_last_index
 
 __all__ = [
     "Case", "EditRequest", "NeighborPrompt", "check_conflicts", "check_request", "fill_template", "join_target",
@@ -76,7 +76,7 @@ def needs_space(prefix: str, target: str) -> bool:
     return unicodedata.category(a) not in ("Ps", "Pi")  # "(" / "“" open: the target follows directly
 
 
-def prompt_text(prompt: str, chat: Any = None) -> str:
+def prompt_text(prompt: str, chat: ChatFormat | None = None) -> str:
     """The text the model reads for a user's ``prompt`` (template or filled): trailing spaces and
     tabs removed (they belong to the answer), then wrapped by ``chat`` (a ``ChatFormat``) if given."""
     end = len(prompt)
@@ -86,7 +86,7 @@ def prompt_text(prompt: str, chat: Any = None) -> str:
     return chat.wrap(text) if chat is not None else text
 
 
-def join_target(prompt: str, target: str, chat: Any = None) -> tuple[str, str]:
+def join_target(prompt: str, target: str, chat: ChatFormat | None = None) -> tuple[str, str]:
     """(prefix, continuation) texts for ``target`` answering ``prompt`` — THE join of this project.
 
     ``prefix = prompt_text(prompt, chat)``; ``continuation`` = the target without surrounding

@@ -44,6 +44,7 @@ from metake_jax.metake import MetaKEConfig
 from metake_jax.requests import Case
 from metake_jax.stats import CORPUS_KINDS, PRECISIONS
 from metake_jax.targets import StageIConfig
+from metake_jax.tokens import ChatFormat, chat_format
 from metake_jax.write import EditorConfig
 from models.config import ModelConfig
 
@@ -184,12 +185,10 @@ def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
     return cases
 
 
-def chat_of(c: Any, tokenizer: Any) -> Any:
+def chat_of(c: Any, tokenizer: Any) -> ChatFormat | None:
     """``config.data.chat``: the tokenizer's ``ChatFormat`` (prompts wrapped in its chat template), or None."""
     if not bool(_get(c, "data.chat", False)):
         return None
-    from metake_jax.tokens import chat_format
-
     try:
         return chat_format(tokenizer)
     except ValueError as e:
@@ -203,7 +202,7 @@ def cases_digest(cases: Sequence[Case]) -> str:
 
 
 def check_inputs(c: Any, cfg: ModelConfig, tokenizer: Any, cases: Sequence[Case], templates: Sequence[Sequence[str]],
-                 chat: Any = None) -> None:
+                 chat: ChatFormat | None = None) -> None:
     """Every row the run will build — each batch's rewriting rows with every context template, and
     every evaluation pair — tokenized up front (no model call): ``RequestError`` naming the case and
     field for a bad request or a row longer than ``cfg.max_positions``, before anything is written."""
@@ -393,7 +392,7 @@ def _peak_memory() -> dict[str, float | None]:
 
 def evaluate_cases(c: Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: Any, cases: Sequence[Case], *,
                    pre_argmax: list | None = None, fluency: bool = False, seed: int = 0,
-                   chat: Any = None) -> dict[str, Any]:
+                   chat: ChatFormat | None = None) -> dict[str, Any]:
     """CounterFact or ZsRE metrics of ``cases`` on ``params`` (METHOD.md §8); ``chat``: a
     ``tokens.ChatFormat`` (prompts wrapped in the chat template) or None."""
     from metake_jax.evaluate import evaluate_counterfact, evaluate_zsre

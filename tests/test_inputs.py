@@ -23,9 +23,7 @@ from metake_jax.batch import KL_TEMPLATE, prepare_batch
 from metake_jax.data import parse_records
 from metake_jax.errors import IllConditionedError, RequestError
 from metake_jax.evaluate.counterfact import _fluency_prompts, counterfact_pairs
-from metake_jax.requests import (
-    Case, EditRequest, check_conflicts, join_target, not_found_message, prompt_text,
-)
+from metake_jax.requests import Case, EditRequest, check_conflicts, join_target, not_found_message
 from metake_jax.tokens import ChatFormat, chat_format, encode_pairs, subject_last_index
 from tests.tiny import tiny_tokenizer
 

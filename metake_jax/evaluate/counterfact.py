@@ -33,6 +33,7 @@ import numpy as np
 from metake_jax.evaluate.scoring import score_pairs
 from metake_jax.evaluate.text_metrics import TfidfModel, load_attribute_snippets, ngram_entropy
 from metake_jax.requests import Case, join_target, prompt_text
+from metake_jax.tokens import ChatFormat
 from models.interface import WDeltas
 
 __all__ = [
@@ -139,7 +140,7 @@ def apply_w_out_deltas(params: Any, w_out_deltas: WDeltas | None) -> Any:
     return dict(params, layers=dict(params["layers"], mlp=mlp))
 
 
-def counterfact_pairs(cases: Sequence[Case], chat: Any = None) -> tuple[list[str], list[str], list[tuple]]:
+def counterfact_pairs(cases: Sequence[Case], chat: ChatFormat | None = None) -> tuple[list[str], list[str], list[tuple]]:
     """(prefixes, continuations, slots) of every scored pair, joined by ``requests.join_target``
     (chat-wrapped with ``chat``, a ``tokens.ChatFormat``).  slots[i] = (case index, section,
     0 = target_new / 1 = the true answer, the record field of the prompt)."""
@@ -163,7 +164,7 @@ def counterfact_pairs(cases: Sequence[Case], chat: Any = None) -> tuple[list[str
     return prefixes, targets, slots
 
 
-def _fluency_prompts(case: Case, chat: Any = None) -> tuple[list[str], str]:
+def _fluency_prompts(case: Case, chat: ChatFormat | None = None) -> tuple[list[str], str]:
     """Generation prompts as the model reads them (``requests.prompt_text``: chat-wrapped, no trailing space)."""
     if case.generation_prompts:
         prompts, src = list(case.generation_prompts), "generation_prompts"
@@ -185,7 +186,7 @@ def evaluate_counterfact(
     max_out_len: int = 100,
     top_k: int | None = 5,
     reference_stats: ReferenceStats | str | Path | None = None,
-    chat: Any = None,
+    chat: ChatFormat | None = None,
 ) -> dict[str, Any]:
     """Score ``cases`` (kind "counterfact") on a model; returns {"summary", "per_case", notes}.
 

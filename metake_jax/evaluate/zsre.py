@@ -28,12 +28,13 @@ import numpy as np
 
 from metake_jax.evaluate.scoring import PairScores, score_pairs
 from metake_jax.requests import Case, join_target
+from metake_jax.tokens import ChatFormat
 from models.interface import WDeltas
 
 __all__ = ["evaluate_zsre", "neighborhood_argmax", "zsre_pairs"]
 
 
-def zsre_pairs(cases: Sequence[Case], chat: Any = None) -> tuple[list[str], list[str], list[tuple[int, str, str]]]:
+def zsre_pairs(cases: Sequence[Case], chat: ChatFormat | None = None) -> tuple[list[str], list[str], list[tuple[int, str, str]]]:
     """(prefixes, continuations, (case index, section, record field)) for every scored pair,
     joined by ``requests.join_target`` (chat-wrapped with ``chat``, a ``tokens.ChatFormat``)."""
     prefixes, targets, slots = [], [], []
@@ -53,7 +54,7 @@ def zsre_pairs(cases: Sequence[Case], chat: Any = None) -> tuple[list[str], list
 
 
 def neighborhood_argmax(cfg: Any, params: Any, tokenizer: Any, cases: Sequence[Case], *, batch_size: int = 32,
-                        w_out_deltas: WDeltas | None = None, chat: Any = None) -> list[list[np.ndarray]]:
+                        w_out_deltas: WDeltas | None = None, chat: ChatFormat | None = None) -> list[list[np.ndarray]]:
     """Per case, per neighborhood prompt: the model's argmax ids at the loc_ans positions."""
     prefixes, targets, slots = zsre_pairs(cases, chat)
     keep = [i for i, (_, sec, _) in enumerate(slots) if sec == "neighborhood"]
@@ -80,7 +81,7 @@ def evaluate_zsre(
     batch_size: int = 32,
     w_out_deltas: WDeltas | None = None,
     pre_edit_argmax: list[list[np.ndarray]] | None = None,
-    chat: Any = None,
+    chat: ChatFormat | None = None,
 ) -> dict[str, Any]:
     """Score ZsRE cases; returns {"summary": ×100 means/stds, "per_case": fractions, "notes"}.
 
