@@ -43,6 +43,7 @@ def get_config() -> ConfigDict:
     c.data.format = "auto"  # auto | rome | flat | zsre (metake_jax.data.loaders)
     c.data.n = placeholder(int)  # number of cases (unset = all)
     c.data.seed = placeholder(int)  # unset = first n in file order; else a seeded random n (file order kept)
+    c.data.chat = False  # wrap rewrite / paraphrase / neighborhood prompts in the tokenizer's chat template (instruct models)
 
     # ---------------------------------------------------------------- method (METHOD.md §4, §6)
     c.method = "alphaedit"  # one of METHODS

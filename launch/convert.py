@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2", "smollm2 | random:<family>[:<size>] | .gguf file | converted dir | HF dir | hub id")
@@ -84,9 +84,13 @@ def main(argv):
         print("exported HF checkpoint to", convert.export_hf(FLAGS.export_hf, cfg, params, tokenizer=tok))
     if FLAGS.predict:
         if tok is None:
-            raise app.UsageError(f"--predict needs a tokenizer; none found for {FLAGS.model!r}")
+            from launch._common import fail
+
+            fail(f"--predict needs a tokenizer; none found for {FLAGS.model!r}")
         predict(cfg, params, tok, top_k=FLAGS.top_k)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch._common import run_cli
+
+    run_cli(main)

@@ -6,6 +6,8 @@
     python launch/edit.py --config=configs/smollm2_cf.py --config.resume=True     # continue a stopped run
 
 Every field of ``configs/base.py`` can be overridden with ``--config.<field>=<value>``.
+A user error (bad record, missing file, bad config value) ends in one line ``error: ...`` naming
+the record and field, exit status 2, and nothing written to ``run_dir``.
 Outputs go to ``config.run_dir``: results.json, results.md, plots/, eval_{pre,post}.json,
 templates.json, checkpoints/ (the latest 2), edit_log.jsonl.
 """
@@ -18,9 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # respect the user's values; default: no network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from absl import app, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
 
 
 def _fields_help() -> str:
@@ -48,13 +48,9 @@ def main(argv: list[str]) -> None:
     config = checked_config(argv, _CONFIG.value)
     setup_logging()
     from metake_jax.report import metrics_table
-    from metake_jax.runner import RunError, run
+    from metake_jax.runner import run
 
-    try:
-        results = run(config)
-    except RunError as e:
-        logging.error("%s", e)
-        sys.exit(1)
+    results = run(config)  # user errors: one line and exit status 2 (launch._common.run_cli)
     print()
     print(f"{results['method']} on {results['model']}: {results['n_cases']} {results['kind']} cases, "
           f"{results['n_batches']} batches of <= {results['batch_size']}")
@@ -63,4 +59,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch._common import run_cli
+
+    run_cli(main)

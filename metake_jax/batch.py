@@ -6,6 +6,12 @@ The same rows give the keys (§2: read at the subject's last token, which causal
 independent of the appended target tokens), the Stage I loss (§3) and the MetaKE edit/locality
 losses (§6).  Requests are padded to a static bucket; padded requests are copies of the last one
 and are masked out by ``valid`` (their key and residual columns are zeroed before any solve).
+
+Prompt and target are joined by ``requests.join_target`` and tokenized by ``tokens.encode_pairs``
+— the rule the benchmark scores use — and the subject's last token is read from the offset
+mapping (``tokens.subject_last_index``).  In chat mode (``chat``, a ``tokens.ChatFormat``) each
+rewriting prompt (context template filled with the request's prompt) is wrapped in the chat
+template; the KL prompt is not (it regularizes the subject's own representation).
 """
 from __future__ import annotations
 
@@ -14,8 +20,9 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from metake_jax.errors import RequestError
+from metake_jax.requests import check_conflicts, check_request, join_target, prompt_text
 from metake_jax.tokens import (
-    bucket, bucket_requests, encode, fill, pad_id, pad_right, subject_last_index, target_ids,
+    ChatFormat, bucket, bucket_requests, encode, encode_pairs, fill, pad_id, pad_right, subject_last_index,
 )
 
 KL_TEMPLATE = "{} is a"
@@ -48,10 +55,6 @@ class EditBatch(NamedTuple):
     valid: Any
 
 
-def _target_text(t: str) -> str:
-    return t if t[:1].isspace() else " " + t
-
-
 def template_weights(templates: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:
     """Flatten template groups; weight = 1/n_groups · 1/len(group) (METHOD.md §2)."""
     flat, w = [], []
@@ -67,15 +70,52 @@ def template_weights(templates: Sequence[Sequence[str]]) -> tuple[list[str], np.
     return flat, np.asarray(w, np.float32)
 
 
+def rewrite_rows(
+    tokenizer: Any, req: Any, flat_templates: Sequence[str], *, chat: ChatFormat | None = None,
+    max_positions: int | None = None,
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """One request's rewriting rows (one per context template): token rows of prompt + target
+    (``join_target`` / ``encode_pairs``), the target start and the subject's last-token index of
+    each.  Raises ``RequestError`` naming the case and field (``prompt`` when a row is longer than
+    ``max_positions``)."""
+    cid = getattr(req, "case_id", None)
+    prefixes, conts, lookups = [], [], []
+    for tmpl in flat_templates:
+        t = prompt_text(fill(tmpl, req.prompt), chat)  # the model's text, "{}" still in it
+        lookups.append(subject_last_index(tokenizer, t, req.subject, case_id=cid))
+        prefix, cont = join_target(fill(t, req.subject), req.target_new)
+        prefixes.append(prefix)
+        conts.append(cont)
+    try:
+        rows, starts = encode_pairs(tokenizer, prefixes, conts)
+    except ValueError as e:
+        raise RequestError(f"target_new {req.target_new!r}: {e}", case_id=cid, field="target_new") from e
+    for j, (r, tmpl) in enumerate(zip(rows, flat_templates)):
+        if lookups[j] >= starts[j]:
+            raise RequestError(f"the subject's last token ({lookups[j]}) is not in the prompt's {starts[j]} tokens",
+                               case_id=cid, field="subject")
+        if max_positions is not None and len(r) > max_positions:
+            raise RequestError(
+                f"prompt with context template {tmpl!r} and target_new is {len(r)} tokens, longer than the "
+                f"model's {max_positions} positions", case_id=cid, field="prompt")
+    return rows, starts, lookups
+
+
 def prepare_batch(
     tokenizer: Any,
     requests: Sequence[Any],
     templates: Sequence[Sequence[str]],
     *,
     n_pad: int | None = None,
+    chat: ChatFormat | None = None,
+    max_positions: int | None = None,
 ) -> tuple[EditBatch, int]:
     """Tokenize ``requests`` (EditRequest-like: case_id, subject, prompt, target_new).
 
+    ``chat``: a ``tokens.ChatFormat`` to wrap the rewriting prompts in (None = plain text).
+    ``max_positions``: refuse (``RequestError``, field ``prompt``) rows longer than the model's
+    positions.  Every request is checked before anything is built (``requests.check_request``,
+    ``check_conflicts``): a batch is refused whole, naming the case and field.
     Returns (batch, n) with n the number of real requests.
     """
     if not requests:
@@ -85,27 +125,19 @@ def prepare_batch(
     per = G + 1
     n = len(requests)
     n_pad = n_pad or bucket_requests(n)
+    for req in requests:
+        check_request(req)
+    check_conflicts(requests)
     rows, lookups, tgts = [], [], []
     for req in requests:
         cid = getattr(req, "case_id", None)
-        subject, prompt = req.subject, req.prompt
-        if not isinstance(subject, str) or not subject.strip():
-            raise RequestError("subject is empty", case_id=cid, field="subject")
-        if not isinstance(prompt, str) or prompt.count("{}") != 1:
-            raise RequestError("prompt must contain '{}' exactly once", case_id=cid, field="prompt")
-        if not isinstance(req.target_new, str) or not req.target_new.strip():
-            raise RequestError("target_new is empty", case_id=cid, field="target_new")
-        t_ids = target_ids(tokenizer, _target_text(req.target_new), case_id=cid)
-        for tmpl in flat:
-            ctx = fill(tmpl, prompt)
-            idx = subject_last_index(tokenizer, ctx, subject, case_id=cid)
-            ids = encode(tokenizer, fill(ctx, subject)) + t_ids[:-1]
-            rows.append(ids)
-            lookups.append(idx)
-            tgts.append((len(ids) - len(t_ids), t_ids))
-        idx = subject_last_index(tokenizer, KL_TEMPLATE, subject, case_id=cid)
-        rows.append(encode(tokenizer, fill(KL_TEMPLATE, subject)))
-        lookups.append(idx)
+        full, starts, idx = rewrite_rows(tokenizer, req, flat, chat=chat, max_positions=max_positions)
+        for r, st, k in zip(full, starts, idx):
+            rows.append(r[:-1])  # the last target token is predicted, never read
+            lookups.append(k)
+            tgts.append((st - 1, r[st:]))  # logits at st-1+j predict target token j
+        lookups.append(subject_last_index(tokenizer, KL_TEMPLATE, req.subject, case_id=cid))
+        rows.append(encode(tokenizer, fill(KL_TEMPLATE, req.subject)))
         tgts.append(None)
     R = n_pad * per
     tokens, mask, _ = pad_right(rows, pad_id(tokenizer), n_rows=len(rows))
@@ -123,7 +155,7 @@ def prepare_batch(
             continue
         start, ids = t
         k = len(ids)
-        tgt_pos[r, :k] = np.arange(start, start + k)  # logits at start+j predict target token j
+        tgt_pos[r, :k] = np.arange(start, start + k)
         tgt_ids[r, :k] = ids
         tgt_mask[r, :k] = True
     key_avg = np.zeros((n_pad, R), np.float32)

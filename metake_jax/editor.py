@@ -20,8 +20,9 @@ from metake_jax.batch import EditBatch, prepare_batch, rows_per_request, select_
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
+from metake_jax.tokens import ChatFormat
 from metake_jax.write import (
-    EditorConfig, LayerStats, apply_deltas, multilayer_write, updated_key_cache,
+    EditorConfig, LayerStats, apply_deltas, check_write, multilayer_write, updated_key_cache,
 )
 from models.config import ModelConfig
 
@@ -124,10 +125,14 @@ def write_targets(
     cfg: ModelConfig, state: EditState, batch: EditBatch, Z: Array, ecfg: EditConfig,
     timings: dict[str, float],
 ) -> tuple[EditState, Any]:
-    """Multi-layer write of Z, all-or-nothing, then the C_p update (METHOD.md §4)."""
+    """Multi-layer write of Z, all-or-nothing, then the C_p update (METHOD.md §4).
+
+    Raises ``EditError`` (``IllConditionedError`` for an unreliable solve), naming the layer, and
+    leaves ``state`` as it was: a batch is written whole or not at all."""
     with _x64(ecfg.editor):
         deltas, aux = _timed(timings, "write", _write, cfg, state.params, batch, Z, ecfg.layers,
                              state.stats, ecfg.editor)
+    check_write(aux, ecfg.layers)
     new_params = apply_deltas(state.params, ecfg.layers, deltas)  # raises EditError, state untouched
     Cp, finite = _timed(timings, "cache", updated_key_cache, cfg, new_params, batch, ecfg.layers, state.stats.Cp)
     if not bool(finite):
@@ -146,15 +151,21 @@ def edit_batch(
     ecfg: EditConfig,
     *,
     n_pad: int | None = None,
+    chat: ChatFormat | None = None,
 ) -> tuple[EditState, BatchReport]:
-    """Edit one batch of requests on top of ``state``; returns the new state and a report."""
+    """Edit one batch of requests on top of ``state``; returns the new state and a report.
+
+    ``chat``: a ``tokens.ChatFormat`` (rewriting prompts wrapped in the chat template).  Raises
+    ``RequestError`` (bad request, row longer than ``cfg.max_positions``) before any compute and
+    ``EditError`` when the write is refused; either way ``state`` is unchanged."""
     if ecfg.editor.method == "alphaedit" and state.stats.P is None:
         raise EditError("AlphaEdit needs null-space projectors P: compute layer statistics first")
     if ecfg.editor.method == "memit" and state.stats.C0 is None:
         raise EditError("MEMIT needs layer statistics C0: compute layer statistics first")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad)
+    host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad, chat=chat,
+                                  max_positions=cfg.max_positions)
     batch = EditBatch(*[jnp.asarray(x) for x in host_batch])
     lb = look_rows(host_batch, ecfg.metake) if ecfg.metake is not None else None
     timings["prepare"] = time.perf_counter() - t0

@@ -42,8 +42,9 @@ from metake_jax.editor import EditConfig, EditState, edit_batch, init_state
 from metake_jax.errors import EditError, RequestError
 from metake_jax.metake import MetaKEConfig
 from metake_jax.requests import Case
-from metake_jax.stats import PRECISIONS
+from metake_jax.stats import CORPUS_KINDS, PRECISIONS
 from metake_jax.targets import StageIConfig
+from metake_jax.tokens import ChatFormat, chat_format
 from metake_jax.write import EditorConfig
 from models.config import ModelConfig
 from models.interface import w_out, with_w_out
@@ -59,8 +60,8 @@ _METAKE_ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 __all__ = [
-    "METHODS", "RunError", "RunHooks", "edit_config", "load_model_spec", "load_run_cases", "run",
-    "get_templates", "layer_statistics", "model_id_for", "stats_cache_dir",
+    "METHODS", "RunError", "RunHooks", "cases_digest", "chat_of", "check_inputs", "edit_config", "load_model_spec",
+    "load_run_cases", "run", "get_templates", "layer_statistics", "model_id_for", "stats_cache_dir",
 ]
 
 
@@ -97,6 +98,9 @@ def edit_config(c: Any) -> EditConfig:
     precision = _stats_precision(c)
     if precision not in PRECISIONS:  # checked before the model loads, not at the statistics pass
         raise RunError(f"config.stats.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    kind = _get(c, "stats.kind", CORPUS_KINDS[0])
+    if kind not in CORPUS_KINDS:
+        raise RunError(f"config.stats.kind={kind!r} is not one of {', '.join(CORPUS_KINDS)}")
     inner = "memit" if method in ("memit", "metake_memit") else "alphaedit"
     solve = _get(c, "editor.solve_dtype") or ("float64" if inner == "memit" else "float32")
     editor = EditorConfig(method=inner, l2=float(c.editor.l2),
@@ -168,8 +172,13 @@ def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0,
 
 
 def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
-    """The selected cases of ``config.data`` (validated against the tokenizer), in file order."""
+    """The selected cases of ``config.data`` (validated against the tokenizer), in file order.
+
+    Raises ``RequestError`` (bad record; two cases with the same subject and prompt but different
+    target_new), ``DataUnavailableError`` (missing file) or ``RunError`` (nothing selected, mixed kinds).
+    """
     from metake_jax.data.loaders import load_cases, load_demo
+    from metake_jax.requests import check_conflicts
 
     d = c.data
     n, seed = _get(c, "data.n"), _get(c, "data.seed")
@@ -182,7 +191,52 @@ def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
     kinds = {x.kind for x in cases}
     if len(kinds) != 1:
         raise RunError(f"config.data: mixed case kinds {sorted(kinds)} in {d.path!r}")
+    check_conflicts([x.request for x in cases])
     return cases
+
+
+def chat_of(c: Any, tokenizer: Any) -> ChatFormat | None:
+    """``config.data.chat``: the tokenizer's ``ChatFormat`` (prompts wrapped in its chat template), or None."""
+    if not bool(_get(c, "data.chat", False)):
+        return None
+    try:
+        return chat_format(tokenizer)
+    except ValueError as e:
+        raise RunError(f"config.data.chat=True: {e}") from e
+
+
+def cases_digest(cases: Sequence[Case]) -> str:
+    """sha256 of the selected cases' content (every field, after the loaders' normalisation)."""
+    blob = json.dumps([dataclasses.asdict(x) for x in cases], sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_inputs(c: Any, cfg: ModelConfig, tokenizer: Any, cases: Sequence[Case], templates: Sequence[Sequence[str]],
+                 chat: ChatFormat | None = None) -> None:
+    """Every row the run will build — each batch's rewriting rows with every context template, and
+    every evaluation pair — tokenized up front (no model call): ``RequestError`` naming the case and
+    field for a bad request or a row longer than ``cfg.max_positions``, before anything is written."""
+    from metake_jax.batch import prepare_batch
+    from metake_jax.evaluate.counterfact import counterfact_pairs
+    from metake_jax.evaluate.zsre import zsre_pairs
+    from metake_jax.tokens import PairError, encode_pairs
+
+    bs = int(c.batch_size)
+    for i in range(0, len(cases), bs):
+        prepare_batch(tokenizer, [x.request for x in cases[i:i + bs]], templates, n_pad=bs, chat=chat,
+                      max_positions=cfg.max_positions)
+    prefixes, conts, slots = (zsre_pairs if cases[0].kind == "zsre" else counterfact_pairs)(cases, chat)
+    for j in range(0, len(prefixes), 4096):
+        try:
+            rows, _ = encode_pairs(tokenizer, prefixes[j:j + 4096], conts[j:j + 4096])
+        except PairError as e:
+            ci, field = slots[j + e.index][0], slots[j + e.index][-1]
+            raise RequestError(e.reason, case_id=cases[ci].case_id, field=field) from e
+        for k, r in enumerate(rows):
+            if len(r) > cfg.max_positions:
+                ci, field = slots[j + k][0], slots[j + k][-1]
+                raise RequestError(f"{field} with its answer is {len(r)} tokens, longer than the model's "
+                                   f"{cfg.max_positions} positions", case_id=cases[ci].case_id, field=field)
 
 
 def _validate_templates(t: Any, where: str) -> list[list[str]]:
@@ -196,30 +250,42 @@ def _validate_templates(t: Any, where: str) -> list[list[str]]:
     return t
 
 
-def get_templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
-                  model_id: str) -> list[list[str]]:
-    """Context templates (METHOD.md §2): ``templates.file`` if given, else sampled once (seeded) and
-    cached in ``run_dir/templates.json``."""
+def _templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
+               model_id: str) -> tuple[list[list[str]], Callable[[], None] | None]:
+    """(templates, write) — ``write`` stores newly sampled templates in ``run_dir/templates.json``
+    (None when they came from a file or the cache); nothing is written here."""
     f = _get(c, "templates.file", "")
     if f:
         p = Path(f).expanduser()
         if not p.is_file():
             raise RunError(f"config.templates.file: {p} not found")
-        return _validate_templates(json.loads(p.read_text()), str(p))
+        try:
+            return _validate_templates(json.loads(p.read_text()), str(p)), None
+        except json.JSONDecodeError as e:
+            raise RunError(f"config.templates.file: {p} is not valid JSON ({e})") from e
     key = {"model_id": model_id, "seed": int(c.templates.seed), "n_per_prompt": int(c.templates.n_per_prompt),
            "length": int(c.templates.length)}
     cache = run_dir / "templates.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
-            return _validate_templates(stored["templates"], str(cache))
+            return _validate_templates(stored["templates"], str(cache)), None
         log.info("templates cache %s has another key; sampling again", cache)
     from metake_jax.templates import context_templates
 
     t = context_templates(cfg, params, tokenizer, seed=key["seed"], n_per_prompt=key["n_per_prompt"],
                           length=key["length"])
     t = [list(g) for g in t]
-    cache.write_text(json.dumps({"key": key, "templates": t}, indent=1))
+    return t, lambda: cache.write_text(json.dumps({"key": key, "templates": t}, indent=1))
+
+
+def get_templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
+                  model_id: str) -> list[list[str]]:
+    """Context templates (METHOD.md §2): ``templates.file`` if given, else sampled once (seeded) and
+    cached in ``run_dir/templates.json``."""
+    t, write = _templates(c, cfg, params, tokenizer, run_dir, model_id)
+    if write is not None:
+        write()
     return t
 
 
@@ -246,7 +312,9 @@ def layer_statistics(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, mode
 
 
 # Fingerprint fields added after run checkpoints already existed, with the value those older runs implied.
-_ADDED_LATER: dict[str, Any] = {"stats.precision": "highest"}
+_ADDED_LATER: dict[str, Any] = {"stats.precision": "highest", "data.chat": False}
+# Fingerprint entries older checkpoints did not record at all (not compared when absent from a checkpoint).
+_RECORDED_LATER: tuple[str, ...] = ("data_sha256",)
 
 
 def _stats_precision(c: Any) -> str:
@@ -270,6 +338,48 @@ def _fingerprint(c: Any) -> dict[str, Any]:
         if isinstance(node, dict) and node.get(leaf) == default:
             del node[leaf]
     return fp
+
+
+def _resume_diff(fp: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """``_diff`` of a run's fingerprint against a checkpoint's, skipping entries it predates (and the
+    MetaKE section that checkpoints of non-MetaKE runs stored before ``_fingerprint`` dropped it)."""
+    stored = dict(stored)
+    if not str(stored.get("method", "")).startswith("metake"):
+        stored.pop("metake", None)
+    return _diff({k: v for k, v in fp.items() if k in stored or k not in _RECORDED_LATER}, stored)
+
+
+def _eval_cache_key(c: Any, model_id: str, data_sha: str, templates: Any, ids: Sequence[int]) -> dict[str, Any]:
+    """What a cached evaluation of the unedited model depends on: model, dtype, seed, the data
+    (config, content hash, case ids), chat mode, templates and the evaluation settings."""
+    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    ev = {k: v for k, v in (d.get("eval") or {}).items() if not k.startswith("glue")}
+    key = {"model": d.get("model"), "model_id": model_id, "dtype": d.get("dtype"), "seed": d.get("seed"),
+           "data": d.get("data"), "data_sha256": data_sha, "templates": templates, "eval": ev,
+           "case_ids": list(ids)}
+    return json.loads(json.dumps(key, default=str))
+
+
+def _glue_cache_key(c: Any, model_id: str) -> dict[str, Any]:
+    """What the base model's GLUE results depend on: model, dtype, seed and the GLUE settings."""
+    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+    ev = {k: v for k, v in (d.get("eval") or {}).items() if k.startswith("glue") or k == "batch_size"}
+    key = {"model": d.get("model"), "model_id": model_id, "dtype": d.get("dtype"), "seed": d.get("seed"), "eval": ev}
+    return json.loads(json.dumps(key, default=str))
+
+
+def _cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON at ``path`` if it was written under ``key``, else None (stale or absent)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if stored.get("key") == key:
+        return stored
+    log.info("%s was computed for another model / data / settings: computing it again", path)
+    return None
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -297,19 +407,22 @@ def _peak_memory() -> dict[str, float | None]:
 
 
 def evaluate_cases(c: Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: Any, cases: Sequence[Case], *,
-                   pre_argmax: list | None = None, fluency: bool = False, seed: int = 0) -> dict[str, Any]:
-    """CounterFact or ZsRE metrics of ``cases`` on ``params`` (METHOD.md §8)."""
+                   pre_argmax: list | None = None, fluency: bool = False, seed: int = 0,
+                   chat: ChatFormat | None = None) -> dict[str, Any]:
+    """CounterFact or ZsRE metrics of ``cases`` on ``params`` (METHOD.md §8); ``chat``: a
+    ``tokens.ChatFormat`` (prompts wrapped in the chat template) or None."""
     from metake_jax.evaluate import evaluate_counterfact, evaluate_zsre
 
     bs = int(_get(c, "eval.batch_size", 32))
     if kind == "zsre":
-        return evaluate_zsre(cfg, params, tokenizer, cases, batch_size=bs, pre_edit_argmax=pre_argmax)
-    out = evaluate_counterfact(cfg, params, tokenizer, cases, batch_size=bs)
+        return evaluate_zsre(cfg, params, tokenizer, cases, batch_size=bs, pre_edit_argmax=pre_argmax, chat=chat)
+    out = evaluate_counterfact(cfg, params, tokenizer, cases, batch_size=bs, chat=chat)
     if fluency:
         n = int(_get(c, "eval.fluency_cases", 0)) or len(cases)
         ref = _get(c, "eval.reference_stats", "") or None
         fl = evaluate_counterfact(cfg, params, tokenizer, list(cases)[:n], batch_size=bs, fluency=True,
-                                  generation_seed=seed, max_out_len=int(c.eval.max_out_len), reference_stats=ref)
+                                  generation_seed=seed, max_out_len=int(c.eval.max_out_len), reference_stats=ref,
+                                  chat=chat)
         out["summary"]["fluency"] = fl["summary"].get("fluency")
         out["summary"]["consistency"] = fl["summary"].get("consistency")
         out["summary"]["fluency_n_cases"] = n
@@ -400,17 +513,25 @@ def _json_default(o: Any) -> Any:
 
 
 def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
-    """Run the sequential protocol for config ``c``; returns the results dict (also results.json)."""
+    """Run the sequential protocol for config ``c``; returns the results dict (also results.json).
+
+    Every user error — config (``RunError``), data / request (``RequestError``,
+    ``DataUnavailableError``), model (``ConversionError``), a checkpoint that does not match —
+    is raised before anything is written to ``run_dir``.
+    """
     hooks = hooks or RunHooks()
     t_start = time.perf_counter()
     run_dir = Path(str(c.run_dir)).expanduser().absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
     ecfg = edit_config(c)
     layers = ecfg.layers
     seed = int(_get(c, "seed", 0))
+    resume = bool(_get(c, "resume", False))
+    bs = int(c.batch_size)
+    if bs < 1:
+        raise RunError(f"config.batch_size must be >= 1, got {bs}")
     wall: dict[str, float] = {}
 
-    # -- model, cases, templates, statistics
+    # -- model, cases, templates: everything checked before the first write
     t = time.perf_counter()
     cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=seed, remat=bool(_get(c, "remat", False)))
     if max(layers) >= cfg.n_layers:
@@ -420,18 +541,42 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
     log.info("model %s (%s, %d layers, d=%d, d_k=%d)", c.model, cfg.family, cfg.n_layers, cfg.d_model, cfg.d_ff)
 
     cases = load_run_cases(c, tok)
+    chat = chat_of(c, tok)
     kind = cases[0].kind
     ids = [x.case_id for x in cases]
-    bs = int(c.batch_size)
-    if bs < 1:
-        raise RunError(f"config.batch_size must be >= 1, got {bs}")
     batches = [cases[i:i + bs] for i in range(0, len(cases), bs)]
-    log.info("%d %s cases in %d batches of <= %d; method %s", len(cases), kind, len(batches), bs, c.method)
+    log.info("%d %s cases in %d batches of <= %d; method %s%s", len(cases), kind, len(batches), bs, c.method,
+             " (chat prompts)" if chat is not None else "")
 
     t = time.perf_counter()
-    templates = get_templates(c, cfg, params, tok, run_dir, model_id)
+    templates, write_templates = _templates(c, cfg, params, tok, run_dir, model_id)
     wall["templates"] = time.perf_counter() - t
+    check_inputs(c, cfg, tok, cases, templates, chat)
+    data_sha = cases_digest(cases)
 
+    ckdir = run_dir / "checkpoints"
+    fp = {**_fingerprint(c), "data_sha256": data_sha}
+    restored = None
+    if resume:
+        step, old = None, RunCheckpointer(ckdir) if ckdir.is_dir() else None
+        if old is not None:
+            step = old.latest()
+            arrays, meta = old.restore(step) if step is not None else (None, None)
+            old.close()
+        if step is None:
+            log.warning("resume=True but no checkpoint in %s: starting from the base model", ckdir)
+        else:
+            bad = _resume_diff(fp, meta.get("fingerprint", {}))
+            if bad:
+                raise RunError("cannot resume from " + str(ckdir / str(step)) + ": the config differs from "
+                               "the checkpointed run in " + "; ".join(bad[:6]))
+            n_done = int(meta["n_done"])
+            if meta["case_ids_done"] != ids[:n_done] or step != meta["batches_done"]:
+                raise RunError(f"cannot resume from {ckdir / str(step)}: its edited case ids do not match "
+                               "the selected cases")
+            restored = (step, arrays, meta)
+
+    # -- statistics (their cache lives outside run_dir)
     t = time.perf_counter()
     C0 = layer_statistics(c, cfg, params, tok, model_id)
     P, ranks = None, None
@@ -447,35 +592,44 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
     log.info("templates %.1fs, statistics + projectors %.1fs", wall["templates"], wall["statistics"])
     state = init_state(params, cfg, layers, P=P, C0=C0 if ecfg.editor.method == "memit" else None)
     del C0
+    run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked
+    if write_templates is not None:
+        write_templates()
 
-    # -- pre-edit evaluation and GLUE on the base model (cached in run_dir: resume does not redo them)
+    # -- pre-edit evaluation and GLUE on the base model (cached in run_dir under the run's
+    #    fingerprint: resume does not redo them, another model / data / setting does)
     pre_path, glue_base_path = run_dir / "eval_pre.json", run_dir / "glue" / "base.json"
     pre_argmax = None
     t = time.perf_counter()
     if kind == "zsre" and (bool(_get(c, "eval.final", True)) or bool(_get(c, "eval.batch", True))):
         from metake_jax.evaluate import neighborhood_argmax
 
-        pre_argmax = neighborhood_argmax(cfg, params, tok, cases, batch_size=int(c.eval.batch_size))
+        pre_argmax = neighborhood_argmax(cfg, params, tok, cases, batch_size=int(c.eval.batch_size), chat=chat)
     pre = None
     if bool(_get(c, "eval.pre", True)):
-        if pre_path.is_file() and json.loads(pre_path.read_text()).get("case_ids") == ids:
-            pre = json.loads(pre_path.read_text())["summary"]
+        pre_key = _eval_cache_key(c, model_id, data_sha, templates, ids)
+        cached = _cached(pre_path, pre_key)
+        if cached is not None:
+            pre = cached["summary"]
         else:
             ev = evaluate_cases(c, kind, cfg, params, tok, cases, pre_argmax=pre_argmax,
-                                fluency=bool(_get(c, "eval.fluency", False)), seed=seed)
+                                fluency=bool(_get(c, "eval.fluency", False)), seed=seed, chat=chat)
             pre = ev["summary"]
-            _json_dump(pre_path, {"case_ids": ids, **ev})
+            _json_dump(pre_path, {"key": pre_key, "case_ids": ids, **ev})
     glue_on = _glue_enabled(c)
-    if glue_on and not glue_base_path.is_file():
-        glue_base_path.parent.mkdir(exist_ok=True)
-        _json_dump(glue_base_path, _glue(c, cfg, params, tok))
+    glue_base = None
+    if glue_on:
+        glue_key = _glue_cache_key(c, model_id)
+        glue_base = _cached(glue_base_path, glue_key)
+        if glue_base is None:
+            glue_base_path.parent.mkdir(exist_ok=True)
+            glue_base = {"key": glue_key, **_glue(c, cfg, params, tok)}
+            _json_dump(glue_base_path, glue_base)
     wall["pre_eval"] = time.perf_counter() - t
     log.info("pre-edit evaluation%s: %.1fs", " + GLUE" if glue_on else "", wall["pre_eval"])
 
     # -- checkpoint: fresh or resume
-    ckdir = run_dir / "checkpoints"
-    fp = _fingerprint(c)
-    if not bool(_get(c, "resume", False)) and ckdir.exists():
+    if not resume and ckdir.exists():
         log.info("resume=False: removing old checkpoints in %s", ckdir)
         shutil.rmtree(ckdir)
     ckpt = RunCheckpointer(ckdir, keep=int(_get(c, "keep_checkpoints", 2)))
@@ -483,30 +637,16 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
     batch_log: list[dict[str, Any]] = []
     glue_log: list[dict[str, Any]] = []
     if glue_on:
-        glue_log.append({"batches": 0, "n_edits": 0, "tasks": _glue_summary(json.loads(glue_base_path.read_text()))})
+        glue_log.append({"batches": 0, "n_edits": 0, "tasks": _glue_summary(glue_base)})
     start = 0
-    if bool(_get(c, "resume", False)):
-        step = ckpt.latest()
-        if step is None:
-            log.warning("resume=True but no checkpoint in %s: starting from the base model", ckdir)
-        else:
-            arrays, meta = ckpt.restore(step)
-            stored = dict(meta.get("fingerprint", {}))
-            if not str(stored.get("method", "")).startswith("metake"):
-                stored.pop("metake", None)  # checkpoints written before the fingerprint dropped it
-            bad = _diff(fp, stored)
-            if bad:
-                raise RunError("cannot resume from " + str(ckdir / str(step)) + ": the config differs from "
-                               "the checkpointed run in " + "; ".join(bad[:6]))
-            n_done = int(meta["n_done"])
-            if meta["case_ids_done"] != ids[:n_done] or step != meta["batches_done"]:
-                raise RunError(f"cannot resume from {ckdir / str(step)}: its edited case ids do not match "
-                               "the selected cases")
-            state = EditState(params=_set_edited_kernels(state.params, layers, arrays["kernels"]),
-                              stats=state.stats._replace(Cp=jnp.asarray(arrays["Cp"])), n_edits=n_done)
-            key = jnp.asarray(arrays["rng"], jnp.uint32)  # legacy uint32 PRNGKey data
-            batch_log, glue_log, start = list(meta["batch_log"]), list(meta["glue_log"]), int(step)
-            log.info("resumed from checkpoint %d (%d cases edited)", step, n_done)
+    if restored is not None:
+        step, arrays, meta = restored
+        n_done = int(meta["n_done"])
+        state = EditState(params=_set_edited_kernels(state.params, layers, arrays["kernels"]),
+                          stats=state.stats._replace(Cp=jnp.asarray(arrays["Cp"])), n_edits=n_done)
+        key = jnp.asarray(arrays["rng"], jnp.uint32)  # legacy uint32 PRNGKey data
+        batch_log, glue_log, start = list(meta["batch_log"]), list(meta["glue_log"]), int(step)
+        log.info("resumed from checkpoint %d (%d cases edited)", step, n_done)
 
     # -- the sequential edit loop
     bar = _progress(c, len(batches), start, f"{c.method} edits")
@@ -517,7 +657,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
         key, sub = jax.random.split(key)
         try:
             # every batch (the last, partial one too) is padded to the batch size: one compiled shape
-            new_state, report = edit_batch(cfg, state, tok, reqs, templates, ecfg, n_pad=bs)
+            new_state, report = edit_batch(cfg, state, tok, reqs, templates, ecfg, n_pad=bs, chat=chat)
         except (EditError, RequestError) as e:
             if bar is not None:
                 bar.close()
@@ -530,7 +670,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
         if bool(_get(c, "eval.batch", True)):
             sub_arg = None if pre_argmax is None else pre_argmax[b * bs:b * bs + len(bids)]
             entry["eval"] = _batch_summary(kind, evaluate_cases(c, kind, cfg, state.params, tok, batches[b],
-                                                                pre_argmax=sub_arg))
+                                                                pre_argmax=sub_arg, chat=chat))
         if glue_on and every > 0 and (b + 1) % every == 0:
             res = _glue(c, cfg, state.params, tok)
             _json_dump(run_dir / "glue" / f"after_batch{b + 1}.json", res)
@@ -564,7 +704,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
     post = None
     if bool(_get(c, "eval.final", True)):
         ev = evaluate_cases(c, kind, cfg, state.params, tok, cases, pre_argmax=pre_argmax,
-                            fluency=bool(_get(c, "eval.fluency", False)), seed=seed)
+                            fluency=bool(_get(c, "eval.fluency", False)), seed=seed, chat=chat)
         post = ev["summary"]
         _json_dump(run_dir / "eval_post.json", {"case_ids": ids, **ev})
     if glue_on and (not glue_log or glue_log[-1]["batches"] != len(batches)):

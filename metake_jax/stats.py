@@ -77,6 +77,9 @@ def _precision(name: str) -> str:
     return name
 
 
+CORPUS_KINDS: tuple[str, ...] = ("datasets", "files", "model", "texts")
+
+
 class CorpusError(RuntimeError):
     """A statistics corpus cannot be obtained (offline, missing file, bad record)."""
 
@@ -259,7 +262,7 @@ class CorpusSpec:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("datasets", "files", "model", "texts"):
+        if self.kind not in CORPUS_KINDS:
             raise ValueError(f"unknown corpus kind {self.kind!r}")
 
 
@@ -482,7 +485,8 @@ def layer_stats(
     Layers already cached are read back (key verified); all missing layers are computed in ONE
     pass over ``n_samples`` documents of ``corpus_spec`` truncated to ``max_len`` tokens and written
     (one npz per layer, atomically).  ``compute=False`` with a missing layer raises
-    :class:`StatsMissingError` naming the layer and the file.
+    :class:`StatsMissingError` naming the layer and the file.  Logs a warning when a layer's
+    statistics come from fewer tokens than d_k (C0 rank-deficient).
     """
     layers = _check_layers(cfg, layers)
     if dtype != STATS_DTYPE:
@@ -520,6 +524,13 @@ def layer_stats(
         for j, l in enumerate(missing):
             _save_layer_stats(paths[l], sums[j], count, keys[l])
             have[l] = (sums[j], count)
+    few = {l: have[l][1] for l in layers if have[l][1] < cfg.d_key}
+    if few:
+        log.warning(
+            "layer statistics of layers %s come from %s token(s), fewer than d_k = %d: C0 = E[kk^T] is "
+            "rank-deficient, so MEMIT's λ·C0 leaves directions unconstrained (large increments) and "
+            "AlphaEdit's null space is mostly noise; raise stats.n_samples / stats.max_len "
+            "(the reference uses 100k documents)", sorted(few), sorted(set(few.values())), cfg.d_key)
     C0 = np.stack([_normalize(*have[l]) for l in layers])
     chex.assert_shape(C0, (len(layers), cfg.d_key, cfg.d_key))
     return jnp.asarray(C0)

@@ -66,18 +66,33 @@ def gate(K: Array, t: Array | int, stats: LayerStats, ecfg: EditorConfig) -> Arr
                               Cp if ecfg.memit_use_cache else None, solve_dtype=dt)
 
 
-def layer_increment(K: Array, R: Array, t: Array | int, stats: LayerStats, ecfg: EditorConfig) -> Array:
-    """Kernel increment (d_k, d) of slot t from keys K (d_k, n) and residual R (d, n)."""
+def layer_increment(K: Array, R: Array, t: Array | int, stats: LayerStats,
+                    ecfg: EditorConfig) -> tuple[Array, editors.SolveDiagnostics]:
+    """Kernel increment (d_k, d) of slot t from keys K (d_k, n) and residual R (d, n), with the
+    diagnostics of its solve (``editors.check_solve`` turns bad ones into an error)."""
     dt = jnp.dtype(ecfg.solve_dtype)
     if ecfg.method == "alphaedit":
-        return editors.alphaedit_increment(K, R, stats.P[t], stats.Cp[t], ecfg.l2, solve_dtype=dt)
+        return editors.alphaedit_increment(K, R, stats.P[t], stats.Cp[t], ecfg.l2, solve_dtype=dt,
+                                           return_diagnostics=True)
     Cp = stats.Cp[t] if ecfg.memit_use_cache else None
-    return editors.memit_increment(K, R, stats.C0[t], ecfg.mom2_update_weight, Cp=Cp, solve_dtype=dt)
+    return editors.memit_increment(K, R, stats.C0[t], ecfg.mom2_update_weight, Cp=Cp, solve_dtype=dt,
+                                   return_diagnostics=True)
 
 
 class WriteAux(NamedTuple):
     residual_norm: Array  # (m, n_pad) ‖R_l‖ per request at each layer step
     key_norm: Array  # (m, n_pad)
+    solve: editors.SolveDiagnostics | None = None  # each field (m,): the solve of each layer step
+
+
+def check_write(aux: WriteAux, layers: tuple[int, ...]) -> None:
+    """Refuse a write whose solve is unreliable at any layer (``editors.check_solve``: relative
+    residual and estimated forward error): raises ``IllConditionedError`` naming the layer."""
+    if aux.solve is None:
+        return
+    d = editors.SolveDiagnostics(*(np.asarray(x) for x in aux.solve))
+    for j, layer in enumerate(layers):
+        editors.check_solve(editors.SolveDiagnostics(d.rel_residual[j], d.cond_est[j], d.eps[j]), layer)
 
 
 def multilayer_write(
@@ -106,12 +121,12 @@ def multilayer_write(
         K = K_all[t]
         Zt = Z if stop_grad_layers is None else jnp.where(stop_grad_layers[t] > 0, Zs, Z)
         R = (Zt - H) * batch.valid / (m - t).astype(Z.dtype)
-        inc = layer_increment(K, R, t, stats, ecfg).astype(Z.dtype)
-        deltas = jax.lax.dynamic_update_index_in_dim(deltas, inc, t, axis=0)
-        return deltas, (jnp.linalg.norm(R, axis=0), jnp.linalg.norm(K, axis=0))
+        inc, diag = layer_increment(K, R, t, stats, ecfg)
+        deltas = jax.lax.dynamic_update_index_in_dim(deltas, inc.astype(Z.dtype), t, axis=0)
+        return deltas, (jnp.linalg.norm(R, axis=0), jnp.linalg.norm(K, axis=0), diag)
 
-    deltas, (rn, kn) = jax.lax.scan(step, deltas0, jnp.arange(m))
-    return deltas, WriteAux(residual_norm=rn, key_norm=kn)
+    deltas, (rn, kn, diag) = jax.lax.scan(step, deltas0, jnp.arange(m))
+    return deltas, WriteAux(residual_norm=rn, key_norm=kn, solve=diag)
 
 
 @partial(jax.jit, static_argnames=("cfg", "layers"))

@@ -15,8 +15,16 @@ Formats (auto-detected from the first record, or passed explicitly as ``fmt``):
   replaces every occurrence, identical on the bundled data where the subject occurs once),
   target_new = answers[0], target_true = None, case_id = record index.
 
+Normalisation on load (what users write is not always what they mean): every string is put in
+Unicode NFC (a subject typed with a combining diaeresis matches the prompt's "ë"); subjects and
+targets lose surrounding whitespace (the key is read at the subject's last character; the space
+before a target is decided by ``requests.join_target``).  Prompts keep their text: a trailing space
+is handled by the join.  A filled prompt's template puts ``{}`` at the first occurrence of the
+subject that is not glued to letters or digits (else the first occurrence).
+
 Every record is validated; errors are ``RequestError`` naming the case id (``"index i"`` where the
-record has no usable case id) and the field.
+record has no usable case id) and the field.  Within one file, two records with the same subject
+and prompt but different ``target_new`` are refused by the runner (``requests.check_conflicts``).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from metake_jax.errors import RequestError
-from metake_jax.requests import Case, EditRequest, NeighborPrompt, validate_case
+from metake_jax.requests import Case, EditRequest, NeighborPrompt, normalize_text, not_found_message, validate_case
 
 __all__ = [
     "DEMO_PATH", "FORMATS", "DataUnavailableError", "detect_format", "load_cases", "load_demo", "load_hub",
@@ -56,13 +64,15 @@ def _get(rec: dict, key: str, cid: Any, where: str = "") -> Any:
     return rec[key]
 
 
-def _str(rec: dict, key: str, cid: Any, where: str = "", *, blank_ok: bool = False) -> str:
+def _str(rec: dict, key: str, cid: Any, where: str = "", *, blank_ok: bool = False, strip: bool = False) -> str:
+    """A string field in NFC (``strip``: without surrounding whitespace)."""
     v = _get(rec, key, cid, where)
     if not isinstance(v, str):
         raise RequestError(f"{where + key} must be a string, got {type(v).__name__}", case_id=cid, field=where + key)
     if not blank_ok and not v.strip():
         raise RequestError(f"{where + key} is empty or whitespace: {v!r}", case_id=cid, field=where + key)
-    return v
+    v = normalize_text(v)
+    return v.strip() if strip else v
 
 
 def _str_list(rec: dict, key: str, cid: Any, *, required: bool = True, allow_empty: bool = True,
@@ -81,7 +91,7 @@ def _str_list(rec: dict, key: str, cid: Any, *, required: bool = True, allow_emp
             raise RequestError(f"{key}[{i}] must be a string, got {type(s).__name__}", case_id=cid, field=f"{key}[{i}]")
         if not s.strip():
             raise RequestError(f"{key}[{i}] is empty or whitespace", case_id=cid, field=f"{key}[{i}]")
-    return tuple(v)
+    return tuple(normalize_text(s) for s in v)
 
 
 def _case_id(rec: dict, index: int) -> int:
@@ -97,12 +107,20 @@ def _case_id(rec: dict, index: int) -> int:
 
 
 def _template_from_filled(prompt: str, subject: str, cid: Any, field: str) -> str:
-    """Prompt with the subject filled in -> template (first occurrence of the subject -> ``{}``)."""
+    """Prompt with the subject filled in -> template: ``{}`` at the first occurrence of the subject
+    not glued to a letter or digit (else the first occurrence), so filling it gives the prompt back."""
     if "{}" in prompt:
         return prompt  # already a template; validate_request checks it has exactly one "{}"
     if subject not in prompt:
-        raise RequestError(f"subject {subject!r} not found in {field} {prompt!r}", case_id=cid, field="subject")
-    return prompt.replace(subject, "{}", 1)
+        raise RequestError(not_found_message("subject", subject, field, prompt), case_id=cid, field="subject")
+    starts = [i for i in range(len(prompt)) if prompt.startswith(subject, i)]
+
+    def free(i: int) -> bool:
+        j = i + len(subject)
+        return not (i > 0 and prompt[i - 1].isalnum()) and not (j < len(prompt) and prompt[j].isalnum())
+
+    i = next((i for i in starts if free(i)), starts[0])
+    return prompt[:i] + "{}" + prompt[i + len(subject):]
 
 
 def _dict(v: Any, cid: Any, field: str) -> dict:
@@ -119,11 +137,11 @@ def _parse_rome(rec: dict, index: int) -> Case:
     rw = _dict(_get(rec, "requested_rewrite", cid), cid, "requested_rewrite")
     w = "requested_rewrite."
     prompt = _str(rw, "prompt", cid, w)
-    subject = _str(rw, "subject", cid, w)
+    subject = _str(rw, "subject", cid, w, strip=True)
     tn = _dict(_get(rw, "target_new", cid, w), cid, w + "target_new")
     tt = _dict(_get(rw, "target_true", cid, w), cid, w + "target_true")
-    new = _str(tn, "str", cid, w + "target_new.")
-    true = _str(tt, "str", cid, w + "target_true.")
+    new = _str(tn, "str", cid, w + "target_new.", strip=True)
+    true = _str(tt, "str", cid, w + "target_true.", strip=True)
     rid = rw.get("relation_id")
     req = EditRequest(case_id=cid, subject=subject, prompt=prompt, target_new=new, target_true=true)
     neighbors = _str_list(rec, "neighborhood_prompts", cid)
@@ -143,10 +161,10 @@ def _parse_rome(rec: dict, index: int) -> Case:
 
 def _parse_flat(rec: dict, index: int) -> Case:
     cid = _case_id(rec, index)
-    subject = _str(rec, "subject", cid)
+    subject = _str(rec, "subject", cid, strip=True)
     prompt = _str(rec, "prompt", cid)
-    new = _str(rec, "target_new", cid)
-    true = _str(rec, "ground_truth", cid)
+    new = _str(rec, "target_new", cid, strip=True)
+    true = _str(rec, "ground_truth", cid, strip=True)
     template = _template_from_filled(prompt, subject, cid, "prompt")
     rephrase = _str_list(rec, "rephrase_prompt", cid, allow_empty=False, allow_str=True)
     loc = _str_list(rec, "locality_prompt", cid, allow_empty=False, allow_str=True)
@@ -168,7 +186,7 @@ def _parse_flat(rec: dict, index: int) -> Case:
 
 def _parse_zsre(rec: dict, index: int) -> Case:
     cid = index
-    subject = _str(rec, "subject", cid)
+    subject = _str(rec, "subject", cid, strip=True)
     src = _str(rec, "src", cid)
     rephrase = _str(rec, "rephrase", cid)
     answers = _get(rec, "answers", cid)
@@ -179,10 +197,8 @@ def _parse_zsre(rec: dict, index: int) -> Case:
     answers_t = _str_list(rec, "answers", cid)
     loc = _str(rec, "loc", cid)
     loc_ans = _str(rec, "loc_ans", cid)
-    if subject not in src:
-        raise RequestError(f"subject {subject!r} not found in src {src!r}", case_id=cid, field="subject")
-    req = EditRequest(case_id=cid, subject=subject, prompt=src.replace(subject, "{}", 1),
-                      target_new=answers_t[0], target_true=None)
+    req = EditRequest(case_id=cid, subject=subject, prompt=_template_from_filled(src, subject, cid, "src"),
+                      target_new=answers_t[0].strip(), target_true=None)
     return Case(
         request=req,
         kind="zsre",

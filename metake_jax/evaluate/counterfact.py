@@ -1,9 +1,9 @@
 """CounterFact / MCF metrics (METHOD.md §8, REFERENCE.md §7).
 
 Per case, every rewrite, paraphrase and neighborhood prompt is scored for two continuations —
-``target_text(target_new)`` and ``target_text(answer)`` (answer = target_true, or a flat record's
-``locality_ground_truth`` for its locality prompt) — in ONE batched pass over all cases
-(``scoring.score_pairs``).  Then, per case (averaged over its prompts) and over cases (×100):
+``target_new`` and the answer (target_true, or a flat record's ``locality_ground_truth`` for its
+locality prompt), each joined to the prompt by ``requests.join_target`` (the join Stage I trains
+on) — in ONE batched pass over all cases (``scoring.score_pairs``).  Then, per case (averaged over its prompts) and over cases (×100):
 
 * Efficacy       = mean [NLL_true > NLL_new] on the rewrite prompt (``post_rewrite_success``);
 * Generalization = the same on paraphrase prompts;
@@ -32,11 +32,12 @@ import numpy as np
 
 from metake_jax.evaluate.scoring import score_pairs
 from metake_jax.evaluate.text_metrics import TfidfModel, load_attribute_snippets, ngram_entropy
-from metake_jax.requests import Case, target_text
+from metake_jax.requests import Case, join_target, prompt_text
+from metake_jax.tokens import ChatFormat
 from models.interface import WDeltas, with_w_out
 
 __all__ = [
-    "apply_w_out_deltas", "case_metrics", "evaluate_counterfact", "harmonic_mean", "summarize_cases",
+    "apply_w_out_deltas", "case_metrics", "counterfact_pairs", "evaluate_counterfact", "harmonic_mean", "summarize_cases",
     "ReferenceStats", "load_reference_stats",
 ]
 
@@ -135,10 +136,37 @@ def apply_w_out_deltas(params: Any, w_out_deltas: WDeltas | None) -> Any:
     return with_w_out(params, w_out_deltas.layers, w_out_deltas.delta, add=True)
 
 
-def _fluency_prompts(case: Case) -> tuple[list[str], str]:
+def counterfact_pairs(cases: Sequence[Case], chat: ChatFormat | None = None) -> tuple[list[str], list[str], list[tuple]]:
+    """(prefixes, continuations, slots) of every scored pair, joined by ``requests.join_target``
+    (chat-wrapped with ``chat``, a ``tokens.ChatFormat``).  slots[i] = (case index, section,
+    0 = target_new / 1 = the true answer, the record field of the prompt)."""
+    prefixes: list[str] = []
+    targets: list[str] = []
+    slots: list[tuple[int, str, int, str]] = []
+    for ci, c in enumerate(cases):
+        r = c.request
+        sec_prompts = {
+            "rewrite": [(r.text, r.target_true, "prompt")],
+            "paraphrase": [(p, r.target_true, f"paraphrase_prompts[{i}]") for i, p in enumerate(c.paraphrase_prompts)],
+            "neighborhood": [(nb.prompt, nb.answer, f"neighborhood[{i}]") for i, nb in enumerate(c.neighborhood)],
+        }
+        for sec, items in sec_prompts.items():
+            for p, ans, field in items:
+                for which, tgt in ((0, r.target_new), (1, ans)):
+                    prefix, cont = join_target(p, tgt, chat)
+                    prefixes.append(prefix)
+                    targets.append(cont)
+                    slots.append((ci, sec, which, field))
+    return prefixes, targets, slots
+
+
+def _fluency_prompts(case: Case, chat: ChatFormat | None = None) -> tuple[list[str], str]:
+    """Generation prompts as the model reads them (``requests.prompt_text``: chat-wrapped, no trailing space)."""
     if case.generation_prompts:
-        return list(case.generation_prompts), "generation_prompts"
-    return [case.request.text, *case.paraphrase_prompts], "rewrite+paraphrase prompts (no generation prompts)"
+        prompts, src = list(case.generation_prompts), "generation_prompts"
+    else:
+        prompts, src = [case.request.text, *case.paraphrase_prompts], "rewrite+paraphrase prompts (no generation prompts)"
+    return [prompt_text(p, chat) for p in prompts], src
 
 
 def evaluate_counterfact(
@@ -154,32 +182,21 @@ def evaluate_counterfact(
     max_out_len: int = 100,
     top_k: int | None = 5,
     reference_stats: ReferenceStats | str | Path | None = None,
+    chat: ChatFormat | None = None,
 ) -> dict[str, Any]:
-    """Score ``cases`` (kind "counterfact") on a model; returns {"summary", "per_case", notes}."""
+    """Score ``cases`` (kind "counterfact") on a model; returns {"summary", "per_case", notes}.
+
+    ``chat``: a ``tokens.ChatFormat`` — every prompt (rewrite, paraphrase, neighborhood,
+    generation) is wrapped in the tokenizer's chat template and the targets are its answers."""
     cases = list(cases)
     for c in cases:
         if c.kind != "counterfact" or c.request.target_true is None:
             raise ValueError(f"case {c.case_id}: evaluate_counterfact needs CounterFact cases with target_true")
-    prefixes: list[str] = []
-    targets: list[str] = []
-    slots: list[tuple[int, str, int]] = []  # (case index, section, 0 = new / 1 = true)
-    for ci, c in enumerate(cases):
-        r = c.request
-        sec_prompts = {
-            "rewrite": [(r.text, r.target_true)],
-            "paraphrase": [(p, r.target_true) for p in c.paraphrase_prompts],
-            "neighborhood": [(nb.prompt, nb.answer) for nb in c.neighborhood],
-        }
-        for sec, items in sec_prompts.items():
-            for p, ans in items:
-                for which, tgt in ((0, r.target_new), (1, ans)):
-                    prefixes.append(p)
-                    targets.append(target_text(tgt))  # leading-space convention applied here
-                    slots.append((ci, sec, which))
+    prefixes, targets, slots = counterfact_pairs(cases, chat)
     s = score_pairs(cfg, params, tokenizer, prefixes, targets, batch_size=batch_size, w_out_deltas=w_out_deltas)
     acc: list[dict[str, dict[str, list]]] = [
         {k: {sec: [] for sec in _SECTIONS} for k in ("new", "true", "cnew", "ctrue")} for _ in cases]
-    for (ci, sec, which), nll, ok in zip(slots, s.mean_nll, s.all_correct):
+    for (ci, sec, which, _), nll, ok in zip(slots, s.mean_nll, s.all_correct):
         a = acc[ci]
         a["new" if which == 0 else "true"][sec].append(float(nll))
         a["cnew" if which == 0 else "ctrue"][sec].append(bool(ok))
@@ -196,7 +213,7 @@ def evaluate_counterfact(
     if fluency:
         from models.generate import sample_texts  # lazy: generation is optional
 
-        prompt_lists = [_fluency_prompts(c) for c in cases]
+        prompt_lists = [_fluency_prompts(c, chat) for c in cases]
         flat = [p for ps, _ in prompt_lists for p in ps]
         gparams = apply_w_out_deltas(params, w_out_deltas)
         texts = sample_texts(cfg, gparams, tokenizer, flat, max_out_len=max_out_len, top_k=top_k,

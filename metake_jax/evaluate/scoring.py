@@ -6,13 +6,10 @@ pairs are tokenized up front, sorted by length and packed into buckets with stat
 (rows: a power of two up to ``batch_size``; length: a power of two >= 8; target slots: a power
 of two >= 4), and each bucket is scored by one jitted call — there is no per-prompt model call.
 
-Tokenization (BOS-aware): ``ids = tokenize(prefix + target)`` and ``P = len(tokenize(prefix))``;
-the target tokens are ``ids[P:]``.  A tokenizer that prepends BOS does so once, at the start of
-both, so ``P`` counts it and the target never includes it (the reference's Llama special case,
-REFERENCE.md §7, falls out without a family switch).  If BPE merges across the boundary so that
-``ids[:P]`` differs from the prefix's own ids, the row becomes ``prefix ids + target ids`` (the
-target tokenized alone, BOS stripped) — exactly the ids the reference scores.  Callers pass
-targets *with* their leading space (``metake_jax.requests.target_text``); nothing is added here.
+Tokenization: ``metake_jax.tokens.encode_pairs`` (BOS-aware; the rows Stage I trains on), so the
+reference's Llama special case (REFERENCE.md §7) falls out without a family switch.  Callers pass
+(prefix, continuation) texts from ``metake_jax.requests.join_target`` (GLUE: the reference's
+``target_text``); nothing is added here.
 
 The model interface is ``models.interface.forward``; only the hidden states at the predicting
 positions go through the LM head (``head``), which equals slicing ``forward(...).logits``.
@@ -27,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metake_jax.tokens import encode_pairs
 from models.config import ModelConfig
 from models.interface import WDeltas, forward, gather_positions, head
 
@@ -44,50 +42,6 @@ class PairScores(NamedTuple):
     n_tokens: np.ndarray  # (n,) int: target tokens
     argmax: list[np.ndarray]  # per pair, the argmax ids at the target positions
     target_ids: list[list[int]]  # per pair, the target ids scored
-
-
-# ----------------------------------------------------------------------------- tokenization
-
-
-def _encode_many(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    try:
-        out = tokenizer(list(texts))["input_ids"]
-        if len(out) == len(texts) and all(isinstance(r, (list, tuple, np.ndarray)) for r in out):
-            return [list(map(int, r)) for r in out]
-    except (TypeError, ValueError, AttributeError):
-        pass
-    return [list(map(int, tokenizer(t)["input_ids"])) for t in texts]
-
-
-def encode_pairs(
-    tokenizer: Any, prefixes: Sequence[str], targets: Sequence[str]
-) -> tuple[list[list[int]], list[int]]:
-    """Token rows for ``prefix + target`` and each row's target start (see module docstring)."""
-    if len(prefixes) != len(targets):
-        raise ValueError(f"{len(prefixes)} prefixes but {len(targets)} targets")
-    for i, (p, t) in enumerate(zip(prefixes, targets)):
-        if not isinstance(p, str) or not isinstance(t, str):
-            raise TypeError(f"pair {i}: prefix and target must be strings, got {type(p).__name__}, {type(t).__name__}")
-    full = _encode_many(tokenizer, [p + t for p, t in zip(prefixes, targets)])
-    pre = _encode_many(tokenizer, list(prefixes))
-    special = _encode_many(tokenizer, [""])[0]  # e.g. [bos] for tokenizers that prepend one
-    rows, starts = [], []
-    fix = [i for i in range(len(full)) if full[i][: len(pre[i])] != pre[i]]
-    alone = dict(zip(fix, _encode_many(tokenizer, [targets[i] for i in fix])))
-    for i, (f, p) in enumerate(zip(full, pre)):
-        if i in alone:
-            t = alone[i][len(special):] if alone[i][: len(special)] == special else alone[i]
-            f = p + t
-        if len(f) <= len(p):
-            raise ValueError(f"pair {i}: target {targets[i]!r} adds no tokens after prefix {prefixes[i]!r}")
-        if len(p) == 0:
-            raise ValueError(f"pair {i}: empty prefix with a tokenizer that adds no BOS; nothing predicts the first "
-                             f"target token of {targets[i]!r}")
-        rows.append(f)
-        starts.append(len(p))
-    return rows, starts
 
 
 # ----------------------------------------------------------------------------- pure math

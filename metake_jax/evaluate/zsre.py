@@ -2,7 +2,7 @@
 
 For each case, in ONE batched pass (``scoring.score_pairs``):
 
-* Efficacy       — prefix = src (the filled template), target = ``target_text(answers[0])``: the
+* Efficacy       — prefix = src (the filled template), target = answers[0] (``join_target``): the
   fraction of target tokens whose teacher-forced argmax equals the token;
 * Generalization — the same on ``rephrase``;
 * Specificity    — prefix = ``loc + "?"``, target = ``" " + loc_ans`` (the reference neighborhood:
@@ -27,34 +27,37 @@ from typing import Any, Sequence
 import numpy as np
 
 from metake_jax.evaluate.scoring import PairScores, score_pairs
-from metake_jax.requests import Case, target_text
+from metake_jax.requests import Case, join_target
+from metake_jax.tokens import ChatFormat
 from models.interface import WDeltas
 
 __all__ = ["evaluate_zsre", "neighborhood_argmax", "zsre_pairs"]
 
 
-def zsre_pairs(cases: Sequence[Case]) -> tuple[list[str], list[str], list[tuple[int, str]]]:
-    """(prefixes, targets, (case index, section)) for every scored continuation."""
+def zsre_pairs(cases: Sequence[Case], chat: ChatFormat | None = None) -> tuple[list[str], list[str], list[tuple[int, str, str]]]:
+    """(prefixes, continuations, (case index, section, record field)) for every scored pair,
+    joined by ``requests.join_target`` (chat-wrapped with ``chat``, a ``tokens.ChatFormat``)."""
     prefixes, targets, slots = [], [], []
     for ci, c in enumerate(cases):
         if c.kind != "zsre":
             raise ValueError(f"case {c.case_id}: evaluate_zsre needs ZsRE cases, got kind {c.kind!r}")
-        tgt = target_text(c.request.target_new)
-        items = [("rewrite", c.request.text, tgt)]
-        items += [("paraphrase", p, tgt) for p in c.paraphrase_prompts]
-        items += [("neighborhood", nb.prompt, target_text(nb.answer)) for nb in c.neighborhood]
-        for sec, p, t in items:
-            prefixes.append(p)
-            targets.append(t)
-            slots.append((ci, sec))
+        tgt = c.request.target_new
+        items = [("rewrite", c.request.text, tgt, "prompt")]
+        items += [("paraphrase", p, tgt, f"paraphrase_prompts[{i}]") for i, p in enumerate(c.paraphrase_prompts)]
+        items += [("neighborhood", nb.prompt, nb.answer, f"neighborhood[{i}]") for i, nb in enumerate(c.neighborhood)]
+        for sec, p, t, field in items:
+            prefix, cont = join_target(p, t, chat)
+            prefixes.append(prefix)
+            targets.append(cont)
+            slots.append((ci, sec, field))
     return prefixes, targets, slots
 
 
 def neighborhood_argmax(cfg: Any, params: Any, tokenizer: Any, cases: Sequence[Case], *, batch_size: int = 32,
-                        w_out_deltas: WDeltas | None = None) -> list[list[np.ndarray]]:
+                        w_out_deltas: WDeltas | None = None, chat: ChatFormat | None = None) -> list[list[np.ndarray]]:
     """Per case, per neighborhood prompt: the model's argmax ids at the loc_ans positions."""
-    prefixes, targets, slots = zsre_pairs(cases)
-    keep = [i for i, (_, sec) in enumerate(slots) if sec == "neighborhood"]
+    prefixes, targets, slots = zsre_pairs(cases, chat)
+    keep = [i for i, (_, sec, _) in enumerate(slots) if sec == "neighborhood"]
     s = score_pairs(cfg, params, tokenizer, [prefixes[i] for i in keep], [targets[i] for i in keep],
                     batch_size=batch_size, w_out_deltas=w_out_deltas)
     out: list[list[np.ndarray]] = [[] for _ in cases]
@@ -78,18 +81,21 @@ def evaluate_zsre(
     batch_size: int = 32,
     w_out_deltas: WDeltas | None = None,
     pre_edit_argmax: list[list[np.ndarray]] | None = None,
+    chat: ChatFormat | None = None,
 ) -> dict[str, Any]:
-    """Score ZsRE cases; returns {"summary": ×100 means/stds, "per_case": fractions, "notes"}."""
+    """Score ZsRE cases; returns {"summary": ×100 means/stds, "per_case": fractions, "notes"}.
+
+    ``chat``: a ``tokens.ChatFormat`` wrapping every prompt in the tokenizer's chat template."""
     cases = list(cases)
-    prefixes, targets, slots = zsre_pairs(cases)
+    prefixes, targets, slots = zsre_pairs(cases, chat)
     s: PairScores = score_pairs(cfg, params, tokenizer, prefixes, targets, batch_size=batch_size,
                                 w_out_deltas=w_out_deltas)
     if pre_edit_argmax is None and w_out_deltas is not None:
-        pre_edit_argmax = neighborhood_argmax(cfg, params, tokenizer, cases, batch_size=batch_size)
+        pre_edit_argmax = neighborhood_argmax(cfg, params, tokenizer, cases, batch_size=batch_size, chat=chat)
     per: list[dict[str, list[np.ndarray]]] = [
         {"rewrite": [], "paraphrase": [], "neighborhood": [], "neighborhood_pre": []} for _ in cases]
     nb_seen = [0] * len(cases)
-    for j, (ci, sec) in enumerate(slots):
+    for j, (ci, sec, _) in enumerate(slots):
         am, tgt = s.argmax[j], np.asarray(s.target_ids[j])
         per[ci][sec].append(am == tgt)
         if sec == "neighborhood" and pre_edit_argmax is not None:
