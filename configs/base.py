@@ -71,7 +71,7 @@ def get_config() -> ConfigDict:
     # MetaKE refinement (METHOD.md §6); used by the metake* methods
     c.metake = ConfigDict()
     c.metake.steps = 15  # T outer steps
-    c.metake.lr = 1e-3  # η, in residual units with anchor=relative (tuned on SmolLM2, bench/RESULTS.md)
+    c.metake.lr = 3e-3  # η, in residual units with anchor=relative (tuned on SmolLM2, bench/RESULTS.md)
     c.metake.gate = "structural"  # structural | keyonly (set by method=metake_keyonly)
     c.metake.feedback = "gated"  # gated | stopgrad | ungated (set by method=metake_stopgrad / metake_ungated)
     c.metake.anchor = "relative"  # relative: ‖z−z⁰‖²/‖r⁰‖², steps in residual units (scale-invariant) | absolute: literal

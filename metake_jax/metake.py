@@ -65,7 +65,7 @@ class MetaKEConfig:
     """
 
     steps: int = 15  # T (paper Table 3)
-    lr: float = 1e-3  # η (residual units with anchor="relative"; tuned on SmolLM2, bench/RESULTS.md)
+    lr: float = 3e-3  # η (residual units with anchor="relative"; tuned on SmolLM2, bench/RESULTS.md)
     gate: str = "structural"  # "structural" | "keyonly"
     feedback: str = "gated"  # "gated" | "stopgrad" | "ungated"
     anchor: str = "relative"  # "relative" (scale-invariant, default) | "absolute" (literal reading)
