@@ -39,7 +39,8 @@ from metake_jax.targets import StageIConfig  # noqa: E402
 from metake_jax.tokens import chat_format  # noqa: E402
 from metake_jax.write import EditorConfig  # noqa: E402
 from models.embedded import load_smollm2  # noqa: E402
-from models.generate import context_templates, generate  # noqa: E402
+from metake_jax.templates import context_templates  # noqa: E402
+from models.generate import generate  # noqa: E402
 
 PROMPT = "The mother tongue of {} is"
 SUBJECT, NEW, TRUE = "Zoe Varnok", "Latin", "French"

@@ -74,6 +74,22 @@ def metrics(s, params, cases, per_case: bool = False) -> dict:
     return out
 
 
+def stage1_targets(s, cases, b) -> jax.Array:
+    """Stage I targets Z⁰ (d_model, n_pad) of ``cases``, cached in /tmp keyed by everything that
+    determines them (model, case ids, templates, Stage I config, layers): the expensive part."""
+    ec = s.edit_config
+    key = json.dumps([s.model_id, [x.case_id for x in cases], s.templates, dataclasses.asdict(ec.stage1),
+                      list(s.layers)], default=str)
+    cache = Path(f"/tmp/metake_smollm2_z0_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+    if cache.is_file():
+        return jnp.asarray(np.load(cache))
+    t = time.perf_counter()
+    Z0 = jax.block_until_ready(optimize_targets(s.cfg, s.params, b, s.layers[-1], ec.stage1).Z)
+    print(f"stage1 {time.perf_counter() - t:.1f}s", flush=True)
+    np.save(cache, np.asarray(Z0))
+    return Z0
+
+
 def grid(a) -> None:
     s = prepare(config(a.n, a.n))
     cases = s.cases[: a.n]
@@ -81,17 +97,7 @@ def grid(a) -> None:
     hb, n = prepare_batch(s.tokenizer, reqs, s.templates)
     b = EditBatch(*map(jnp.asarray, hb))
     ec = s.edit_config
-    # Stage I is the expensive part: reuse it, keyed by everything that determines Z⁰
-    key = json.dumps([s.model_id, [x.case_id for x in cases], s.templates, dataclasses.asdict(ec.stage1),
-                      list(s.layers)], default=str)
-    cache = Path(f"/tmp/metake_smollm2_z0_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
-    if cache.is_file():
-        Z0 = jnp.asarray(np.load(cache))
-    else:
-        t = time.perf_counter()
-        Z0 = jax.block_until_ready(optimize_targets(s.cfg, s.params, b, s.layers[-1], ec.stage1).Z)
-        print(f"stage1 {time.perf_counter() - t:.1f}s", flush=True)
-        np.save(cache, np.asarray(Z0))
+    Z0 = stage1_targets(s, cases, b)
     out = {"pre": metrics(s, s.params, cases, True)}
     print("pre", {k: v for k, v in out["pre"].items() if k != "per_case"}, flush=True)
     state = s.state()

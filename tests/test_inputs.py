@@ -374,7 +374,7 @@ def test_runner_refuses_before_writing(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    from metake_jax.random_model import random_model
+    from models.random_model import random_model
 
     return random_model("random:llama:tiny")
 

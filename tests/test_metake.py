@@ -234,7 +234,8 @@ def test_no_bilevel_and_stopgrad_give_exactly_alphaedit(setup, ablation):
     k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
     assert np.abs(k_ae - k0)[list(LAYERS)].max() > 0  # something was written
     # while the default refinement does change the written weights
-    s_mk, _ = edit_batch(cfg, state, tok, REQS, TEMPLATES, dataclasses.replace(base, metake=MetaKEConfig(steps=3)))
+    s_mk, _ = edit_batch(cfg, state, tok, REQS, TEMPLATES,
+                         dataclasses.replace(base, metake=MetaKEConfig(steps=3, lr=0.5)))
     assert np.abs(np.asarray(s_mk.params["layers"]["mlp"]["fc_out"]["kernel"]) - k_ae).max() > 0
 
 
