@@ -1,4 +1,4 @@
-"""Per-batch wall time and peak memory of AlphaEdit vs MetaKE (METHOD.md §9; paper: GPT-J, batch 100).
+"""Per-batch wall time and peak memory of AlphaEdit vs MetaKE (docs/FORMULAS.md §9; paper: GPT-J, batch 100).
 
     # real SmolLM2 (embedded), batch 10, 3 batches per method (CPU is fine)
     python bench/edit_speed.py --config=configs/smollm2_cf.py --batch_size=10

@@ -1,4 +1,4 @@
-"""Unedited-model benchmark figures (METHOD.md §8): CounterFact / ZsRE / GLUE metrics of a model.
+"""Unedited-model benchmark figures (docs/FORMULAS.md §8): CounterFact / ZsRE / GLUE metrics of a model.
 
 Sanity check for the evaluation code and the demo set: an unedited model should have low Efficacy
 (it prefers the true object) and high Specificity on facts it knows.

@@ -8,7 +8,7 @@ Model: SmolLM2-135M (``models.embedded.load_smollm2``) or, when that is unavaila
 d_ff=1536, vocab 49152, tied).  Prompts are random token ids of ``--prompt-len`` tokens (the
 throughput does not depend on the text).  Reports the first call (compilation included) and the
 best of ``--repeats`` steady calls for top-k 5 sampling and greedy decoding, plus the time of the
-context templates (METHOD.md §2) with the real tokenizer.  With ``--results`` the "## Generation"
+context templates (docs/FORMULAS.md §2) with the real tokenizer.  With ``--results`` the "## Generation"
 section of that file is replaced (other sections untouched).
 """
 from __future__ import annotations

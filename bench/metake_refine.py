@@ -1,4 +1,4 @@
-"""MetaKE refinement alone on SmolLM2 (METHOD.md §6 "Units"): how far ℓ_meta falls and Z moves.
+"""MetaKE refinement alone on SmolLM2 (docs/FORMULAS.md §6 "Units"): how far ℓ_meta falls and Z moves.
 
     python bench/metake_refine.py --n 20 T=15,eta=0.001 T=15,eta=0.003 \
         T=15,eta=0.3,anchor=absolute,ls=none T=3,eta=0.001,ls=request

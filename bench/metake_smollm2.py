@@ -69,7 +69,7 @@ def metrics(s, params, cases, per_case: bool = False) -> dict:
     keys = ("efficacy", "generalization", "specificity", "score",
             "efficacy_magnitude", "generalization_magnitude", "specificity_magnitude")
     out = {k: ev["summary"].get(k) for k in keys}
-    if per_case:  # for paired intervals (METHOD.md §11): per-case values in case order
+    if per_case:  # for paired intervals (docs/FORMULAS.md §11): per-case values in case order
         out["per_case"] = {k: [c.get(k) for c in ev["per_case"]] for k in PER_CASE + ("case_id",)}
     return out
 

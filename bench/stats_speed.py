@@ -1,4 +1,4 @@
-"""Throughput of the layer-statistics pass (METHOD.md §4) and of the projector eigendecomposition.
+"""Throughput of the layer-statistics pass (docs/FORMULAS.md §4) and of the projector eigendecomposition.
 
     PYTHONPATH=. .venv/bin/python bench/stats_speed.py [--layers 3 4 5 6 7] [--max-len 512]
         [--n-docs 64] [--token-budget 8192] [--random-weights] [--results bench/RESULTS.md --machine "..."]

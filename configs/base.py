@@ -1,4 +1,4 @@
-"""Every field of a run configuration, with its meaning (METHOD.md §3–§9, REFERENCE.md §5–§8).
+"""Every field of a run configuration, with its meaning (docs/FORMULAS.md §3–§9, docs/FORMULAS.md §R5–§R8).
 
 Use a model/dataset config (e.g. ``configs/smollm2_cf.py``) and override fields on the command line::
 
@@ -45,12 +45,12 @@ def get_config() -> ConfigDict:
     c.data.seed = placeholder(int)  # unset = first n in file order; else a seeded random n (file order kept)
     c.data.chat = False  # wrap rewrite / paraphrase / neighborhood prompts in the tokenizer's chat template (instruct models)
 
-    # ---------------------------------------------------------------- method (METHOD.md §4, §6)
+    # ---------------------------------------------------------------- method (docs/FORMULAS.md §4, §6)
     c.method = "alphaedit"  # one of METHODS
-    c.batch_size = 100  # requests per sequential batch (METHOD.md §9)
+    c.batch_size = 100  # requests per sequential batch (docs/FORMULAS.md §9)
     c.layers = (4, 5, 6, 7, 8)  # edited layers (increasing)
 
-    # Stage I (METHOD.md §3; reference v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weight_decay)
+    # Stage I (docs/FORMULAS.md §3; reference v_lr, v_num_grad_steps, clamp_norm_factor, kl_factor, v_weight_decay)
     c.stage1 = ConfigDict()
     c.stage1.lr = 0.5
     c.stage1.steps = 25
@@ -60,7 +60,7 @@ def get_config() -> ConfigDict:
     c.stage1.early_stop = 5e-2  # stop a request's optimization once its NLL < this
     c.stage1.row_groups = 4  # rows run in 4 length-sorted groups at their own widths (same numbers, less padding)
 
-    # Downstream editor (METHOD.md §4; REFERENCE.md §5)
+    # Downstream editor (docs/FORMULAS.md §4; docs/FORMULAS.md §R5)
     c.editor = ConfigDict()
     c.editor.l2 = 10.0  # AlphaEdit L2 (λ of (P(KKᵀ+C_p) + λI))
     c.editor.mom2_update_weight = 15000.0  # MEMIT λ_C
@@ -68,7 +68,7 @@ def get_config() -> ConfigDict:
     c.editor.nullspace_threshold = 2e-2  # absolute eigenvalue threshold on C0 = E[kkᵀ]
     c.editor.energy = placeholder(float)  # optional: keep the null space holding this energy fraction instead
 
-    # MetaKE refinement (METHOD.md §6); used by the metake* methods
+    # MetaKE refinement (docs/FORMULAS.md §6); used by the metake* methods
     c.metake = ConfigDict()
     c.metake.steps = 15  # T outer steps
     c.metake.lr = 3e-3  # η, in residual units with anchor=relative (tuned on SmolLM2, bench/RESULTS.md)
@@ -80,7 +80,7 @@ def get_config() -> ConfigDict:
     c.metake.weights = ConfigDict(dict(edit=1.0, loc=1.0, anchor=1.0))  # a = weights.anchor: the trade-off knob
     c.metake.prompts = "all"  # all | bare: rows scoring the virtual model (bare + KL prompt: ~3.5x cheaper)
 
-    # ---------------------------------------------------------------- layer statistics C0 (REFERENCE.md §3)
+    # ---------------------------------------------------------------- layer statistics C0 (docs/FORMULAS.md §R3)
     c.stats = ConfigDict()
     c.stats.kind = "datasets"  # datasets | files | model (texts sampled from the model itself; offline)
     c.stats.name = "wikipedia"  # HF dataset (kind=datasets)
@@ -94,7 +94,7 @@ def get_config() -> ConfigDict:
     c.stats.seed = 1
     c.stats.cache_dir = ""  # "" = $METAKE_CACHE/stats (default ~/.cache/metake-jax/stats)
 
-    # ---------------------------------------------------------------- evaluation (METHOD.md §8; REFERENCE.md §7–§8)
+    # ---------------------------------------------------------------- evaluation (docs/FORMULAS.md §8; docs/FORMULAS.md §R7–§R8)
     c.eval = ConfigDict()
     c.eval.pre = True  # evaluate all cases on the unedited model (pre/post table)
     c.eval.final = True  # evaluate all cases on the final model
@@ -110,7 +110,7 @@ def get_config() -> ConfigDict:
     c.eval.glue_every = 5  # GLUE on the base model and after every k batches (0 = base and final only, -1 = never)
     c.eval.glue_generation = True  # also the generation-based F1 (slower)
 
-    # ---------------------------------------------------------------- context templates (METHOD.md §2)
+    # ---------------------------------------------------------------- context templates (docs/FORMULAS.md §2)
     c.templates = ConfigDict()
     c.templates.seed = 0
     c.templates.file = ""  # JSON [["{}"], [...]] to use instead of sampling
@@ -129,7 +129,7 @@ def get_config() -> ConfigDict:
 
 def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max_len: int,
               mom2_update_weight: float) -> ConfigDict:
-    """A paper-model config with the reference hyper-parameters (REFERENCE.md §6: AE hparams
+    """A paper-model config with the reference hyper-parameters (docs/FORMULAS.md §R6: AE hparams
     AlphaEdit + MEMIT; clamp 0.75, KL 0.0625, wd 0.5, L2 10, threshold 2e-2, 100k Wikipedia docs)."""
     c = get_config()
     c.model = model
@@ -142,10 +142,10 @@ def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max
     c.editor.l2 = 10.0  # AlphaEdit L2
     c.editor.nullspace_threshold = 2e-2
     c.editor.mom2_update_weight = mom2_update_weight  # MEMIT λ_C
-    c.stats.kind = "datasets"  # wikipedia 20200501.en, 100k docs, seed 1 (REFERENCE.md §3)
+    c.stats.kind = "datasets"  # wikipedia 20200501.en, 100k docs, seed 1 (docs/FORMULAS.md §R3)
     c.stats.n_samples = 100000
     c.stats.max_len = max_len  # n_positions / max_position_embeddings
-    c.batch_size = 100  # sequential batches of 100 (METHOD.md §9)
+    c.batch_size = 100  # sequential batches of 100 (docs/FORMULAS.md §9)
     c.remat = True  # GPT-J at batch 100: Stage I needs 127 GiB without it (bench/RESULTS.md, GPU)
     c.eval.glue_every = 5
     return c

@@ -1,4 +1,4 @@
-"""GPT-2 XL on ZsRE with the reference hyper-parameters (REFERENCE.md §6, AE hparams/AlphaEdit + MEMIT).
+"""GPT-2 XL on ZsRE with the reference hyper-parameters (docs/FORMULAS.md §R6, AE hparams/AlphaEdit + MEMIT).
 
 Pass a local checkpoint with --config.model=/path/to/hf_dir (the default is the hub id, which
 needs network access).

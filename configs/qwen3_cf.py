@@ -1,6 +1,6 @@
 """Qwen3-8B on CounterFact (family llama with q/k RMS-norm).
 
-No reference hyper-parameters exist for Qwen3: these are the Llama3-8B values of REFERENCE.md §6
+No reference hyper-parameters exist for Qwen3: these are the Llama3-8B values of docs/FORMULAS.md §R6
 (layers 4–8, v_lr 0.1, 25 steps) and the AE cap of 4096 tokens for Qwen statistics; untuned.
 Pass a local checkpoint with ``--config.model=/path/to/Qwen3-8B``.
 """

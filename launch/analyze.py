@@ -1,4 +1,4 @@
-"""The paper's analyses (METHOD.md §10): Fig. 4, Fig. 5, Table 3, Fig. 7.
+"""The paper's analyses (docs/FORMULAS.md §10): Fig. 4, Fig. 5, Table 3, Fig. 7.
 
     python launch/analyze.py --config=configs/smollm2_cf.py --analysis=gamma --analysis=shift \
         --methods=memit,alphaedit,metake --n=50 --batch_size=25 --out=runs/analysis
@@ -58,7 +58,7 @@ _N_QUERIES = flags.DEFINE_integer("n_queries", 1000, "Factual queries for the hi
 _QUERIES = flags.DEFINE_string("queries", None, "JSON list of records with a 'prompt' field "
                                "(default: ../shared/data/known_1000.json when present, else the cases' prompts).")
 
-# The paper's sizes (METHOD.md §9, §10).
+# The paper's sizes (docs/FORMULAS.md §9, §10).
 PAPER = {"cases": 2000, "batch_size": 100, "gamma_requests": 500, "queries": 1000, "bins": 13}
 
 
@@ -198,7 +198,7 @@ def run_gamma(ctx: Context) -> None:
         sizes.append(f"note: {n_req} requests per method, below the paper's ≥ {PAPER['gamma_requests']}")
     if _BINS.value != PAPER["bins"]:
         sizes.append(f"note: {_BINS.value} bins (paper: {PAPER['bins']})")
-    md = ["## Realized γ vs association β (METHOD.md §10, Fig. 4)", "", *sizes, "",
+    md = ["## Realized γ vs association β (docs/FORMULAS.md §10, Fig. 4)", "", *sizes, "",
           "| method | requests | median β | mean γ | mean α(β) | mean abs(γ − α) | corr(β, γ) | stream s |",
           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {r[0]} | {r[1]} | " + " | ".join(_fmt(float(x)) for x in r[2:7]) + f" | {r[7]:.1f} |" for r in rows]
@@ -259,7 +259,7 @@ def run_kl(ctx: Context) -> None:
     ax.legend(fontsize=8)
     sizes = ctx.sizes() + [f"groups: {len(low)} low-β and {len(high)} high-β requests "
                            f"(β from the λ_KL = {centre:g} stream); grid {grid}"]
-    md = ["## KL strength vs association (METHOD.md §10, Fig. 5)", "", *sizes, "",
+    md = ["## KL strength vs association (docs/FORMULAS.md §10, Fig. 5)", "", *sizes, "",
           "| λ_KL | Eff low β | Eff high β | Eff all |", "|---:|---:|---:|---:|"]
     md += [f"| {lam:g}{' (default)' if lam == default else ''} | {a:.1f} | {b:.1f} | {c:.1f} |"
            for lam, a, b, c in zip(grid, eff["low"], eff["high"], eff["all"])]
@@ -332,7 +332,7 @@ def run_sensitivity(ctx: Context) -> None:
     sizes = ctx.sizes() + [f"grid: T ∈ {Ts} × η ∈ {etas} (paper: T ∈ 5,10,15,20 × four η); method {method}; "
                            f"batch 1's Stage I Z⁰ computed once ({timings.get('stage1', 0):.1f} s) and reused"
                            + ("; later batches' Z⁰ recomputed per grid point" if len(prepared) > 1 else "")]
-    md = ["## Sensitivity to T and η (METHOD.md §10, Table 3)", "", *sizes, "",
+    md = ["## Sensitivity to T and η (docs/FORMULAS.md §10, Table 3)", "", *sizes, "",
           "| T | η | Eff | Gen | Spe | s |", "|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {r['T']} | {'–' if r['T'] == 0 else format(r['eta'], 'g')} | {_fmt(r['efficacy'], 1)} | "
            f"{_fmt(r['generalization'], 1)} | {_fmt(r['specificity'], 1)} | {r['seconds']:.1f} |" for r in rows]
@@ -399,7 +399,7 @@ def run_shift(ctx: Context) -> None:
     sizes = ctx.sizes() + [f"queries: {len(prompts)} from {source}"]
     if len(prompts) < PAPER["queries"]:
         sizes.append(f"note: {len(prompts)} queries, below the paper's ≥ {PAPER['queries']}")
-    md = ["## Hidden-state shift (METHOD.md §10, Fig. 7)", "", *sizes, "",
+    md = ["## Hidden-state shift (docs/FORMULAS.md §10, Fig. 7)", "", *sizes, "",
           "Final-layer block output at the last token; shift = ‖h_post − h_pre‖/‖h_pre‖; MMD² biased, RBF kernel, "
           "σ = median pairwise distance of the pooled set.", "",
           "| method | mean shift | median shift | max shift | MMD² | σ |", "|---|---:|---:|---:|---:|---:|"]

@@ -1,4 +1,4 @@
-"""Method tables from finished run directories (METHOD.md §9, §11).
+"""Method tables from finished run directories (docs/FORMULAS.md §9, §11).
 
 Plain table (one row per run, post-edit metrics ×100, median per-batch seconds)::
 
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compare.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run directories (results.json [+ eval_post.json])")
-    p.add_argument("--paired", action="store_true", help="paired bootstrap statistics (METHOD.md §11)")
+    p.add_argument("--paired", action="store_true", help="paired bootstrap statistics (docs/FORMULAS.md §11)")
     p.add_argument("--baseline", default=None, help="baseline group label (default: the first group)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (>= 1000)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval confidence level")

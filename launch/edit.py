@@ -1,4 +1,4 @@
-"""Sequential knowledge editing from a config file (METHOD.md §9).
+"""Sequential knowledge editing from a config file (docs/FORMULAS.md §9).
 
     python launch/edit.py --config=configs/smollm2_cf.py
     python launch/edit.py --config=configs/smollm2_cf.py --config.batch_size=10 --config.method=alphaedit

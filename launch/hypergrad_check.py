@@ -1,4 +1,4 @@
-"""Exact vs proxy hypergradient fidelity (METHOD.md §7, paper C.5).
+"""Exact vs proxy hypergradient fidelity (docs/FORMULAS.md §7, paper C.5).
 
 For the first ``--n`` cases of a config (one batch): Stage I targets Z⁰, then at Z⁰ the exact
 multi-layer hypergradient and the Structural Gradient Proxy, and per request:
@@ -41,7 +41,7 @@ def summarize(rows: list[dict], eta: float, layers: tuple[int, ...], seconds: di
     eps = np.array([r["proxy_gap"] for r in rows])
     q = lambda x: f"{np.median(x):.3f} (p10 {np.percentile(x, 10):.3f}, p90 {np.percentile(x, 90):.3f})"  # noqa: E731
     lines = [
-        "# Hypergradient fidelity (METHOD.md §7)",
+        "# Hypergradient fidelity (docs/FORMULAS.md §7)",
         "",
         f"requests: {len(rows)}; edited layers: {list(layers)}; η = {eta}",
         "",

@@ -1,4 +1,4 @@
-"""Precompute and cache the layer statistics C0 = E[kkᵀ] of a config's edited layers (REFERENCE.md §3).
+"""Precompute and cache the layer statistics C0 = E[kkᵀ] of a config's edited layers (docs/FORMULAS.md §R3).
 
     python launch/stats.py --config=configs/smollm2_cf.py
     python launch/stats.py --config=configs/gptj_cf.py --config.model=/models/gpt-j-6B --config.stats.n_samples=100000

@@ -1,8 +1,8 @@
-"""The paper's analyses (METHOD.md §10) and the paired statistics of §11, as pure functions.
+"""The paper's analyses (docs/FORMULAS.md §10) and the paired statistics of §11, as pure functions.
 
 Named dimensions: ``d_model`` (residual width d), ``d_key`` (FFN key width d_k), ``n_req``
 (requests of a batch / stream), ``n_query`` (factual queries of the hidden-state analysis).
-Requests are **columns** of key / residual matrices (METHOD.md §1).
+Requests are **columns** of key / residual matrices (docs/FORMULAS.md §1).
 
 * Association and realized coefficient (§5, §10 Fig. 4): :func:`association_beta`,
   :func:`realized_gamma`, :func:`measure_write` (one batch: β before the write, γ after it) and
@@ -56,7 +56,7 @@ def solve_scope(ecfg: EditorConfig) -> contextlib.AbstractContextManager:
 
 
 def association_beta(K: Array, stats: LayerStats, ecfg: EditorConfig, slot: int = -1) -> np.ndarray:
-    """Association ``β_i`` of each request at edited-layer slot ``slot`` (METHOD.md §5, §10).
+    """Association ``β_i`` of each request at edited-layer slot ``slot`` (docs/FORMULAS.md §5, §10).
 
     AlphaEdit: ``β_i = k_iᵀ P A⁻¹ k_i`` with ``A = C_p P + λ I`` (the slot's P, C_p, λ = ``ecfg.l2``);
     MEMIT: ``β_i = k_iᵀ (λ_C C_0)⁻¹ k_i`` (plus C_p inside the inverse when ``memit_use_cache``).
@@ -81,14 +81,14 @@ def association_beta(K: Array, stats: LayerStats, ecfg: EditorConfig, slot: int 
 
 
 def attenuation(beta: np.ndarray) -> np.ndarray:
-    """Prop. 1 attenuation ``α = β / (1 + β)`` (METHOD.md §5); same shape as ``beta``."""
+    """Prop. 1 attenuation ``α = β / (1 + β)`` (docs/FORMULAS.md §5); same shape as ``beta``."""
     b = np.asarray(beta, np.float64)
     return b / (1.0 + b)
 
 
 @jax.jit
 def realized_gamma(R_planned: Array, R_realized: Array, eps: float = 1e-8) -> Array:
-    """``γ_i = ⟨r̂_i, r_i⟩ / (‖r_i‖² + ε)`` per request (METHOD.md §5 C.6, §10).
+    """``γ_i = ⟨r̂_i, r_i⟩ / (‖r_i‖² + ε)`` per request (docs/FORMULAS.md §5 C.6, §10).
 
     R_planned: (d_model, n_req) planned residuals ``r_i = z_i − h_L,i``;
     R_realized: (d_model, n_req) realized ``r̂_i = h_L,i^post − h_L,i``.  Returns (n_req,) float32.
@@ -142,7 +142,7 @@ class StreamMeasure:
 def measure_stream(cfg: ModelConfig, state: EditState, tokenizer: Any, batches: Sequence[Sequence[Any]],
                    templates: Sequence[Sequence[str]], ecfg: EditConfig, *, n_pad: int | None = None,
                    ) -> StreamMeasure:
-    """Edit ``batches`` of requests in sequence (METHOD.md §9) and measure β, γ per batch (§10 Fig. 4).
+    """Edit ``batches`` of requests in sequence (docs/FORMULAS.md §9) and measure β, γ per batch (§10 Fig. 4).
 
     Each batch: tokenize → Stage I (+ MetaKE refinement when ``ecfg.metake``) with
     ``editor.compute_targets`` → :func:`measure_write` of the targets actually written.
@@ -168,7 +168,7 @@ def measure_stream(cfg: ModelConfig, state: EditState, tokenizer: Any, batches: 
 
 
 def quantile_bins(x: np.ndarray, y: np.ndarray, n_bins: int = 13) -> dict[str, np.ndarray]:
-    """Sort by ``x`` and split into ``n_bins`` equal-count bins (METHOD.md §10 Fig. 4: 13 bins of β).
+    """Sort by ``x`` and split into ``n_bins`` equal-count bins (docs/FORMULAS.md §10 Fig. 4: 13 bins of β).
 
     x, y: (n_req,).  Returns arrays of shape (n_bins,): ``x_mean``, ``x_lo``, ``x_hi`` (bin range),
     ``y_mean``, ``y_se`` (standard error ``std(ddof=1)/√count``; NaN for a bin of one), ``count``.
@@ -194,7 +194,7 @@ def quantile_bins(x: np.ndarray, y: np.ndarray, n_bins: int = 13) -> dict[str, n
 
 
 def extreme_groups(beta: np.ndarray, frac: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the low-β (bottom ``frac``) and high-β (top ``frac``) requests (METHOD.md §10 Fig. 5).
+    """Indices of the low-β (bottom ``frac``) and high-β (top ``frac``) requests (docs/FORMULAS.md §10 Fig. 5).
 
     beta: (n_req,).  Each group holds ``max(1, round(frac · n_req))`` requests.  Raises ValueError
     unless 0 < frac ≤ 0.5.
@@ -207,7 +207,7 @@ def extreme_groups(beta: np.ndarray, frac: float = 0.2) -> tuple[np.ndarray, np.
 
 
 def best_on_grid(grid: Sequence[float], values: Sequence[float]) -> float:
-    """The grid point of the largest value; ties go to the smaller grid point (METHOD.md §10 Fig. 5)."""
+    """The grid point of the largest value; ties go to the smaller grid point (docs/FORMULAS.md §10 Fig. 5)."""
     g, v = np.asarray(grid, np.float64), np.asarray(values, np.float64)
     if g.shape != v.shape or g.size == 0:
         raise ValueError(f"best_on_grid: grid {g.shape} and values {v.shape} must be equal and non-empty")
@@ -226,7 +226,7 @@ def _last_hidden(cfg: ModelConfig, params: Any, tokens: Array, mask: Array, last
 
 def final_hidden(cfg: ModelConfig, params: Any, tokenizer: Any, prompts: Sequence[str], *,
                  batch_size: int = 64) -> np.ndarray:
-    """Final-layer block output at each prompt's last token (METHOD.md §10 Fig. 7).
+    """Final-layer block output at each prompt's last token (docs/FORMULAS.md §10 Fig. 7).
 
     Returns (n_query, d_model) float32.  Prompts are tokenized as model inputs (BOS where the tokenizer
     adds one), right-padded per chunk of ``batch_size`` (the last chunk padded with copies, so every

@@ -1,4 +1,4 @@
-"""Tokenized, padded inputs for one edit batch (METHOD.md §2–§3).
+"""Tokenized, padded inputs for one edit batch (docs/FORMULAS.md §2–§3).
 
 Every request contributes one row per context template (its rewriting prompts: template-filled
 prompt followed by the target tokens except the last) and one KL row (``"{subject} is a"``).
@@ -56,7 +56,7 @@ class EditBatch(NamedTuple):
 
 
 def template_weights(templates: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:
-    """Flatten template groups; weight = 1/n_groups · 1/len(group) (METHOD.md §2)."""
+    """Flatten template groups; weight = 1/n_groups · 1/len(group) (docs/FORMULAS.md §2)."""
     flat, w = [], []
     groups = [g for g in templates if len(g)]
     for g in groups:

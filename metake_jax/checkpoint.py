@@ -1,4 +1,4 @@
-"""Run-state checkpoints of a sequential editing run (METHOD.md §9), with orbax.
+"""Run-state checkpoints of a sequential editing run (docs/FORMULAS.md §9), with orbax.
 
 What is saved after every batch (``run_dir/checkpoints/<step>/``, step = batches done):
 

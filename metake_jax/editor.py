@@ -1,4 +1,4 @@
-"""One edit batch, end to end, and the sequential edit state (METHOD.md §3–§6, §9).
+"""One edit batch, end to end, and the sequential edit state (docs/FORMULAS.md §3–§6, §9).
 
 ``edit_batch``: tokenize → Stage I targets (one jitted computation for the batch) → optional
 MetaKE refinement (one jitted scan) → multi-layer write (one jitted scan) → all-or-nothing
@@ -125,7 +125,7 @@ def write_targets(
     cfg: ModelConfig, state: EditState, batch: EditBatch, Z: Array, ecfg: EditConfig,
     timings: dict[str, float],
 ) -> tuple[EditState, Any]:
-    """Multi-layer write of Z, all-or-nothing, then the C_p update (METHOD.md §4).
+    """Multi-layer write of Z, all-or-nothing, then the C_p update (docs/FORMULAS.md §4).
 
     Raises ``EditError`` (``IllConditionedError`` for an unreliable solve), naming the layer, and
     leaves ``state`` as it was: a batch is written whole or not at all."""

@@ -1,9 +1,9 @@
-"""Closed-form Stage II editors, gates and association statistics (METHOD.md §4–§6).
+"""Closed-form Stage II editors, gates and association statistics (docs/FORMULAS.md §4–§6).
 
-Conventions (METHOD.md §1): requests are **columns** — keys ``K`` (d_k, n), residuals ``R`` (d, n).
+Conventions (docs/FORMULAS.md §1): requests are **columns** — keys ``K`` (d_k, n), residuals ``R`` (d, n).
 Every increment returned here is in the Flax ``(in, out)`` kernel layout of
 ``params['layers']['mlp']['fc_out']['kernel'][l]``, i.e. ``Δᵀ`` of shape (d_k, d)
-(REFERENCE.md §4e / §11.9).
+(docs/FORMULAS.md §R4e / §R11.9).
 
 Every editor is "closed form = residual × keysᵀ × gate":  ``Δ = R Kᵀ G`` with
 
@@ -15,7 +15,7 @@ The increment functions solve the reference's linear system directly (no explici
 the ``*_gate`` functions form ``G`` explicitly (for the MetaKE look-ahead, §6) and
 ``increment_from_gate(K, R, G)`` reproduces the same increments.
 
-Solve precision (REFERENCE.md §11.1): MEMIT solves in float64, AlphaEdit in float32.
+Solve precision (docs/FORMULAS.md §R11.1): MEMIT solves in float64, AlphaEdit in float32.
 JAX silently computes in float32 unless 64-bit mode is on, so ``solve_dtype=jnp.float64`` works as:
 
 * called **eagerly** (not under an outer ``jax.jit``/``grad``) with x64 off: the function turns
@@ -154,7 +154,7 @@ def _alphaedit_system(K, P, Cp, l2, dt):
 
 def memit_system(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                  solve_dtype: DType = jnp.float32) -> Array:
-    """``A = λ_C C0 + C_p + K Kᵀ`` (METHOD.md §4 MEMIT; REFERENCE.md §4 MEMIT_seq adds C_p)."""
+    """``A = λ_C C0 + C_p + K Kᵀ`` (docs/FORMULAS.md §4 MEMIT; docs/FORMULAS.md §R4 MEMIT_seq adds C_p)."""
     _check_kr(K)
     _check_square("C0", C0, K.shape[0])
     _check_square("Cp", Cp, K.shape[0])
@@ -164,7 +164,7 @@ def memit_system(K: Array, C0: Array, lam: float | Array, Cp: Array | None = Non
 
 def alphaedit_system(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
                      solve_dtype: DType = jnp.float32) -> Array:
-    """``A = P (K Kᵀ + C_p) + λ I`` — the matrix AlphaEdit's reference solves with (REFERENCE.md §5)."""
+    """``A = P (K Kᵀ + C_p) + λ I`` — the matrix AlphaEdit's reference solves with (docs/FORMULAS.md §R5)."""
     _check_kr(K)
     _check_square("P", P, K.shape[0])
     _check_square("Cp", Cp, K.shape[0])
@@ -188,8 +188,8 @@ def memit_increment(K: Array, R: Array, C0: Array, lam: float | Array, Cp: Array
                     solve_dtype: DType = jnp.float64, return_diagnostics: bool = False):
     """MEMIT kernel increment ``Δᵀ = (R Kᵀ (λ_C C0 + C_p + K Kᵀ)⁻¹)ᵀ``, shape (d_k, d).
 
-    METHOD.md §4; REFERENCE.md §4 step 2d (``X = solve(A, K)``, ``Δ = R Xᵀ``, float64).
-    ``Cp`` (d_k, d_k) gives MEMIT_seq (REFERENCE.md §4); ``None`` = plain MEMIT.
+    docs/FORMULAS.md §4; docs/FORMULAS.md §R4 step 2d (``X = solve(A, K)``, ``Δ = R Xᵀ``, float64).
+    ``Cp`` (d_k, d_k) gives MEMIT_seq (docs/FORMULAS.md §R4); ``None`` = plain MEMIT.
     With ``return_diagnostics`` returns ``(increment, SolveDiagnostics)``.
     """
     _check_kr(K, R)
@@ -201,7 +201,7 @@ def memit_increment(K: Array, R: Array, C0: Array, lam: float | Array, Cp: Array
 
 
 def memit_seq_increment(K: Array, R: Array, C0: Array, lam: float | Array, Cp: Array, **kw: Any):
-    """MEMIT_seq (REFERENCE.md §4): ``A = λ_C C0 + C_p + K Kᵀ``; same as ``memit_increment(..., Cp)``."""
+    """MEMIT_seq (docs/FORMULAS.md §R4): ``A = λ_C C0 + C_p + K Kᵀ``; same as ``memit_increment(..., Cp)``."""
     return memit_increment(K, R, C0, lam, Cp, **kw)
 
 
@@ -217,8 +217,8 @@ def alphaedit_increment(K: Array, R: Array, P: Array, Cp: Array | None, l2: floa
                         solve_dtype: DType = jnp.float32, return_diagnostics: bool = False):
     """AlphaEdit kernel increment ``Δᵀ = (R Kᵀ P ((K Kᵀ + C_p) P + λ I)⁻¹)ᵀ``, shape (d_k, d).
 
-    Computed as the reference does (REFERENCE.md §5): ``X = solve(P (K Kᵀ + C_p) + λ I, P K Rᵀ)``,
-    float32 by default.  ``Cp=None`` means no previous edits.  METHOD.md §4.
+    Computed as the reference does (docs/FORMULAS.md §R5): ``X = solve(P (K Kᵀ + C_p) + λ I, P K Rᵀ)``,
+    float32 by default.  ``Cp=None`` means no previous edits.  docs/FORMULAS.md §4.
     With ``return_diagnostics`` returns ``(increment, SolveDiagnostics)``.
     """
     _check_kr(K, R)
@@ -229,7 +229,7 @@ def alphaedit_increment(K: Array, R: Array, P: Array, Cp: Array | None, l2: floa
     return (inc, res) if return_diagnostics else inc
 
 
-# ----------------------------------------------------------------------------- gates (METHOD.md §6)
+# ----------------------------------------------------------------------------- gates (docs/FORMULAS.md §6)
 
 
 @partial(jax.jit, static_argnames=("out_dtype", "dt"))
@@ -245,7 +245,7 @@ def _alphaedit_gate(K, P, Cp, l2, dt):
 
 def alphaedit_gate(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
                    solve_dtype: DType = jnp.float32) -> Array:
-    """Structural gate ``G = P ((K Kᵀ + C_p) P + λ I)⁻¹`` (d_k, d_k), METHOD.md §6.
+    """Structural gate ``G = P ((K Kᵀ + C_p) P + λ I)⁻¹`` (d_k, d_k), docs/FORMULAS.md §6.
 
     Formed as ``solve(P (K Kᵀ + C_p) + λ I, P)`` (push-through identity; G is symmetric).
     """
@@ -257,7 +257,7 @@ def alphaedit_gate(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
 
 
 def keyonly_gate(K: Array, l2: float | Array, *, solve_dtype: DType = jnp.float32) -> Array:
-    """Key-only gate ``(K Kᵀ + λ I)⁻¹`` (METHOD.md §6 ablation "w/o structural gate")."""
+    """Key-only gate ``(K Kᵀ + λ I)⁻¹`` (docs/FORMULAS.md §6 ablation "w/o structural gate")."""
     _check_kr(K)
     with _solve_scope(solve_dtype, K, l2) as dt:
         d_k = K.shape[0]
@@ -267,7 +267,7 @@ def keyonly_gate(K: Array, l2: float | Array, *, solve_dtype: DType = jnp.float3
 
 def memit_gate(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                solve_dtype: DType = jnp.float64) -> Array:
-    """MEMIT gate ``(λ_C C0 + C_p + K Kᵀ)⁻¹`` (d_k, d_k), METHOD.md §4 / §6."""
+    """MEMIT gate ``(λ_C C0 + C_p + K Kᵀ)⁻¹`` (d_k, d_k), docs/FORMULAS.md §4 / §6."""
     _check_kr(K)
     _check_square("C0", C0, K.shape[0])
     _check_square("Cp", Cp, K.shape[0])
@@ -277,7 +277,7 @@ def memit_gate(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None,
 
 @jax.jit
 def increment_from_gate(K: Array, R: Array, G: Array) -> Array:
-    """Kernel increment ``(R Kᵀ G)ᵀ`` (d_k, d) — METHOD.md §6 eq. 8 with R = Z − H_L.
+    """Kernel increment ``(R Kᵀ G)ᵀ`` (d_k, d) — docs/FORMULAS.md §6 eq. 8 with R = Z − H_L.
 
     Differentiable in ``R`` (the MetaKE look-ahead takes ``jax.grad`` through it).
     """
@@ -305,7 +305,7 @@ def association(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
                 solve_dtype: DType = jnp.float32) -> Array:
     """Per-request AlphaEdit association ``α_i = β_i / (1 + β_i)``, ``β_i = k_iᵀ P (C_p P + λI)⁻¹ k_i``.
 
-    METHOD.md §5 (Proposition 1), the single-request formula applied to each column of ``K``
+    docs/FORMULAS.md §5 (Proposition 1), the single-request formula applied to each column of ``K``
     on its own: a lone request with key k and residual r is written as ``Δ k = α r``.  Shape (n,).
     """
     _check_kr(K)
@@ -325,7 +325,7 @@ def _memit_association(K, C0, lam, Cp, dt):
 
 def memit_association(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                       solve_dtype: DType = jnp.float64) -> Array:
-    """MEMIT association ``α_i = β_i/(1+β_i)``, ``β_i = k_iᵀ (λ_C C0 + C_p)⁻¹ k_i`` (METHOD.md §5). (n,)"""
+    """MEMIT association ``α_i = β_i/(1+β_i)``, ``β_i = k_iᵀ (λ_C C0 + C_p)⁻¹ k_i`` (docs/FORMULAS.md §5). (n,)"""
     _check_kr(K)
     _check_square("C0", C0, K.shape[0])
     _check_square("Cp", Cp, K.shape[0])
@@ -342,7 +342,7 @@ def _interaction(K, P, Cp, l2, dt):
 
 def interaction_matrix(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
                        solve_dtype: DType = jnp.float32) -> Array:
-    """Request-interaction matrix ``M = Kᵀ P ((K Kᵀ + C_p) P + λI)⁻¹ K`` (n, n), METHOD.md §5.
+    """Request-interaction matrix ``M = Kᵀ P ((K Kᵀ + C_p) P + λI)⁻¹ K`` (n, n), docs/FORMULAS.md §5.
 
     The realized output change of an AlphaEdit write at the edited keys is ``Δ K = R M``.
     """
@@ -362,7 +362,7 @@ def _memit_interaction(K, C0, lam, Cp, dt):
 
 def memit_interaction_matrix(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                              solve_dtype: DType = jnp.float64) -> Array:
-    """MEMIT analog ``Kᵀ (λ_C C0 + C_p + K Kᵀ)⁻¹ K`` (n, n); ``Δ K = R M`` (REFERENCE.md §5)."""
+    """MEMIT analog ``Kᵀ (λ_C C0 + C_p + K Kᵀ)⁻¹ K`` (n, n); ``Δ K = R M`` (docs/FORMULAS.md §R5)."""
     _check_kr(K)
     _check_square("C0", C0, K.shape[0])
     _check_square("Cp", Cp, K.shape[0])

@@ -7,11 +7,11 @@ class EditError(RuntimeError):
 
 
 class IllConditionedError(EditError):
-    """A closed-form solve (METHOD.md §4) is numerically unreliable; the message names the layer."""
+    """A closed-form solve (docs/FORMULAS.md §4) is numerically unreliable; the message names the layer."""
 
 
 class StatsMissingError(FileNotFoundError):
-    """Layer statistics C0 (METHOD.md §4) are not cached and computing them was not allowed."""
+    """Layer statistics C0 (docs/FORMULAS.md §4) are not cached and computing them was not allowed."""
 
 
 class RequestError(ValueError):

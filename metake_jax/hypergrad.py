@@ -1,4 +1,4 @@
-"""Exact multi-layer hypergradient and the proxy-fidelity diagnostics (METHOD.md §7).
+"""Exact multi-layer hypergradient and the proxy-fidelity diagnostics (docs/FORMULAS.md §7).
 
 ``F(Z) = ℓ_meta(W + Δ*(Z))`` where ``Δ*(Z)`` is the whole multi-layer write of §4
 (``write.multilayer_write``: a ``lax.scan`` over the edited layers whose carry is the stack of
@@ -67,7 +67,7 @@ def exact_task_losses(
 
 
 def exact_F(cfg, params, batch, layers, stats, ecfg, ectx, Z, Z0, mcfg=MetaKEConfig()) -> Array:
-    """Per-request F(Z) (task loss after the full write + a · anchor, METHOD.md §6–§7)."""
+    """Per-request F(Z) (task loss after the full write + a · anchor, docs/FORMULAS.md §6–§7)."""
     task = exact_task_losses(cfg, params, batch, layers, stats, ecfg, ectx, Z, mcfg=mcfg)
     scale = anchor_scale(Z0, ectx.H_L, batch.valid, mcfg)
     return task + mcfg.anchor_weight * anchor_term(Z, Z0, scale)

@@ -1,4 +1,4 @@
-"""Keys K_l of all edited layers and the block-L output H_L in one pass (METHOD.md §2, §4).
+"""Keys K_l of all edited layers and the block-L output H_L in one pass (docs/FORMULAS.md §2, §4).
 
 Pure and jittable; ``layers`` is static.  Keys are read at each row's subject-last token and
 averaged over context templates with ``batch.key_avg`` (½·"{}" + ½·mean of the sampled

@@ -1,4 +1,4 @@
-"""MetaKE: bi-level refinement of the targets through the Structural Gradient Proxy (METHOD.md §6).
+"""MetaKE: bi-level refinement of the targets through the Structural Gradient Proxy (docs/FORMULAS.md §6).
 
 Per batch, the gate ``G`` of the final edited layer ``L`` is computed once and frozen; the
 look-ahead only ever needs it as ``B = K_Lᵀ G`` (n_req × d_key), so that product is formed once and
@@ -9,7 +9,7 @@ product per step.  The virtual model (that weight at every position) is scored w
 
 and ``jax.grad`` of Σ_i ℓ_meta,i through the closed form *is* the proxy gradient (eq. 9).
 
-Units (METHOD.md §6 "Units"): with ``anchor="relative"`` (default) ``s_i = ‖r⁰_i‖²``, the squared
+Units (docs/FORMULAS.md §6 "Units"): with ``anchor="relative"`` (default) ``s_i = ‖r⁰_i‖²``, the squared
 planned residual ``r⁰_i = z⁰_i − h_L,i``, and the outer step is gradient descent in residual units,
 ``z_i ← z_i − η_i s_i g_i``; the refined Z is then invariant under a rescaling of the residual
 stream.  ``anchor="absolute"`` is the literal reading (``s_i = 1``: anchor in hidden-state units,
@@ -58,7 +58,7 @@ ARMIJO_C = 1e-4  # sufficient-decrease constant of the backtracking line search
 
 @dataclasses.dataclass(frozen=True)
 class MetaKEConfig:
-    """Hyper-parameters of the refinement (METHOD.md §6).
+    """Hyper-parameters of the refinement (docs/FORMULAS.md §6).
 
     ``lr`` (η) is in residual units with ``anchor="relative"`` (a step of η moves z_i by
     η‖r⁰_i‖²‖g_i‖) and in hidden-state units per unit gradient with ``anchor="absolute"``.
@@ -141,7 +141,7 @@ def anchor_scale(Z0: Array, H_L: Array, valid: Array, mcfg: MetaKEConfig) -> Arr
 
 
 def anchor_term(Z: Array, Z0: Array, scale: Array) -> Array:
-    """Per-request anchor ‖z_i − z⁰_i‖² / s_i (n_pad,) — METHOD.md §6."""
+    """Per-request anchor ‖z_i − z⁰_i‖² / s_i (n_pad,) — docs/FORMULAS.md §6."""
     return jnp.sum(jnp.square(Z - Z0), axis=0) / scale
 
 
@@ -259,7 +259,7 @@ def refine_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z0: Array, layers: tuple[int, ...],
     stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
 ) -> RefineResult:
-    """T outer steps on ℓ_meta with the frozen gate (Algorithm 1, METHOD.md §6), one jitted scan.
+    """T outer steps on ℓ_meta with the frozen gate (Algorithm 1, docs/FORMULAS.md §6), one jitted scan.
 
     Z0 (d_model, n_pad) are the Stage I targets; ``look_batch``: the rows scoring the virtual model
     (``select_rows`` of ``batch``), default all.

@@ -1,4 +1,4 @@
-"""AlphaEdit null-space projector ``P`` from the layer statistics C0 (METHOD.md §4, REFERENCE.md §5).
+"""AlphaEdit null-space projector ``P`` from the layer statistics C0 (docs/FORMULAS.md §4, docs/FORMULAS.md §R5).
 
 ``C0 = U Λ Uᵀ`` (``jnp.linalg.eigh`` of the symmetrized, *normalized* ``E[k kᵀ]``; on a symmetric
 PSD matrix this equals the reference's ``svd(cov)``), keep the eigenvectors ``Û`` of the small
@@ -85,7 +85,7 @@ def _warn_rank(rank: int, d_k: int, where: str, threshold: float, energy: float 
 
 def nullspace_projector(C0: Array, *, threshold: float = 2e-2, energy: float | None = None,
                         layer: int | None = None, return_rank: bool = False):
-    """Null-space projector ``P`` (d_k, d_k) of one layer's normalized C0 (METHOD.md §4).
+    """Null-space projector ``P`` (d_k, d_k) of one layer's normalized C0 (docs/FORMULAS.md §4).
 
     Returns ``P`` or ``(P, rank)`` with ``return_rank``.  Warns when the kept rank is 0 or d_k.
     """

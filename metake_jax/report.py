@@ -1,4 +1,4 @@
-"""Human-readable outputs of a run: the pre/post markdown table and PNG plots (METHOD.md §8–§9).
+"""Human-readable outputs of a run: the pre/post markdown table and PNG plots (docs/FORMULAS.md §8–§9).
 
 ``results`` is the dict ``metake_jax.runner.run`` returns (and writes to results.json).
 """
@@ -68,7 +68,7 @@ def compare_table(runs: list[dict[str, Any]], *, names: list[str] | None = None)
     return "\n".join(lines)
 
 
-#: Per-case keys of eval_post.json ``per_case`` behind each reported metric (METHOD.md §8).
+#: Per-case keys of eval_post.json ``per_case`` behind each reported metric (docs/FORMULAS.md §8).
 PER_CASE_KEYS: dict[str, dict[str, str]] = {
     "counterfact": {"efficacy": "rewrite_success", "generalization": "paraphrase_success",
                     "specificity": "neighborhood_success", "efficacy_magnitude": "rewrite_magnitude",
@@ -127,7 +127,7 @@ def _pairs(ga: dict[Any, dict[str, Any]], gb: dict[Any, dict[str, Any]], key: st
 
 def paired_comparison(runs: list[dict[str, Any]], *, baseline: str | None = None, n_resamples: int = 2000,
                       confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
-    """Paired statistics over run directories (METHOD.md §11).
+    """Paired statistics over run directories (docs/FORMULAS.md §11).
 
     ``runs``: dicts ``{"name": str, "results": results.json, "post": eval_post.json}``, made with
     ``--config.data.seed=S``.  Runs are grouped by :func:`_group_runs` labels; per group and metric

@@ -1,9 +1,9 @@
-"""Edit requests and evaluation cases (METHOD.md §1 notation: subject s, prompt p(s), targets o*/o).
+"""Edit requests and evaluation cases (docs/FORMULAS.md §1 notation: subject s, prompt p(s), targets o*/o).
 
 * ``EditRequest``: what an editor consumes — a prompt *template* with ``{}`` exactly once where
   the subject goes, the subject, the new target ``o*`` (``target_new``) and the old one ``o``
   (``target_true``; None for ZsRE, whose reference placeholder is ``"<|endoftext|>"``).
-* ``Case``: a request plus the material the benchmarks evaluate it on (METHOD.md §8).
+* ``Case``: a request plus the material the benchmarks evaluate it on (docs/FORMULAS.md §8).
 
 Prompt + target, ONE rule (``join_target``), used by Stage I rows, keys, the CounterFact / ZsRE
 scores and the generation prompts: the text is what a user would have typed, and the tokenizer
@@ -127,7 +127,7 @@ class NeighborPrompt:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """An edit request with its evaluation material (METHOD.md §8, REFERENCE.md §7).
+    """An edit request with its evaluation material (docs/FORMULAS.md §8, docs/FORMULAS.md §R7).
 
     CounterFact: ``neighborhood`` answers are ``target_true`` (ROME format) or
     ``locality_ground_truth`` (flat format).  ZsRE: ``paraphrase_prompts = (rephrase,)``,
@@ -219,7 +219,7 @@ def validate_request(req: EditRequest, tokenizer: Any = None) -> EditRequest:
 
     With a tokenizer also: each target adds >= 1 token after the prompt (``join_target`` +
     ``encode_pairs``), and a token covers the subject's last character (``subject_last_index``,
-    METHOD.md §2).
+    docs/FORMULAS.md §2).
     """
     cid = getattr(req, "case_id", None)
     if not isinstance(req, EditRequest):

@@ -1,10 +1,10 @@
-"""The sequential editing protocol (METHOD.md §9, REFERENCE.md §5 "Sequential protocol").
+"""The sequential editing protocol (docs/FORMULAS.md §9, docs/FORMULAS.md §R5 "Sequential protocol").
 
 ``run(config)`` does, for a run configuration (``configs/base.py``):
 
 1. load the model and tokenizer (``models.load.load_model``, incl. ``random:<family>[:<size>]``);
 2. select the cases (``metake_jax.data.loaders``), in file order;
-3. context templates (METHOD.md §2; ``metake_jax.templates.context_templates``, seeded, cached in
+3. context templates (docs/FORMULAS.md §2; ``metake_jax.templates.context_templates``, seeded, cached in
    ``run_dir/templates.json``; or ``templates.file``);
 4. layer statistics C0 (``metake_jax.stats.layer_stats``, cached) → projectors P (AlphaEdit /
    MetaKE) or C0 (MEMIT);
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
            "metake_stopgrad", "metake_ungated")
-# method → MetaKEConfig fields it fixes (ablations of METHOD.md §6)
+# method → MetaKEConfig fields it fixes (ablations of docs/FORMULAS.md §6)
 _METAKE_ABLATIONS: dict[str, dict[str, Any]] = {
     "metake_nobilevel": {"steps": 0}, "metake_keyonly": {"gate": "keyonly"},
     "metake_stopgrad": {"feedback": "stopgrad"}, "metake_ungated": {"feedback": "ungated"},
@@ -91,7 +91,7 @@ def _get(c: Any, dotted: str, default: Any = None) -> Any:
 
 
 def edit_config(c: Any) -> EditConfig:
-    """``method`` + hyper-parameters → ``EditConfig`` (the method table of the brief / METHOD.md §4, §6)."""
+    """``method`` + hyper-parameters → ``EditConfig`` (the method table of the brief / docs/FORMULAS.md §4, §6)."""
     method = c.method
     if method not in METHODS:
         raise RunError(f"config.method={method!r} is not one of {', '.join(METHODS)}")
@@ -281,7 +281,7 @@ def _templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: P
 
 def get_templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
                   model_id: str) -> list[list[str]]:
-    """Context templates (METHOD.md §2): ``templates.file`` if given, else sampled once (seeded) and
+    """Context templates (docs/FORMULAS.md §2): ``templates.file`` if given, else sampled once (seeded) and
     cached in ``run_dir/templates.json``."""
     t, write = _templates(c, cfg, params, tokenizer, run_dir, model_id)
     if write is not None:
@@ -409,7 +409,7 @@ def _peak_memory() -> dict[str, float | None]:
 def evaluate_cases(c: Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: Any, cases: Sequence[Case], *,
                    pre_argmax: list | None = None, fluency: bool = False, seed: int = 0,
                    chat: ChatFormat | None = None) -> dict[str, Any]:
-    """CounterFact or ZsRE metrics of ``cases`` on ``params`` (METHOD.md §8); ``chat``: a
+    """CounterFact or ZsRE metrics of ``cases`` on ``params`` (docs/FORMULAS.md §8); ``chat``: a
     ``tokens.ChatFormat`` (prompts wrapped in the chat template) or None."""
     from metake_jax.evaluate import evaluate_counterfact, evaluate_zsre
 

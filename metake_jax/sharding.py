@@ -1,6 +1,6 @@
 """A 1-D device mesh and helpers to split a batch over its ``data`` axis.
 
-Used by the statistics pass (METHOD.md §4, C0 = E[k kᵀ]) and the per-layer projector
+Used by the statistics pass (docs/FORMULAS.md §4, C0 = E[k kᵀ]) and the per-layer projector
 eigendecompositions.  On one device everything degenerates to ordinary placement.
 
 Multi-device tests on CPU emulate devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``

@@ -1,4 +1,4 @@
-"""Paired statistics of METHOD.md §11: the per-case paired bootstrap interval and its verdict.
+"""Paired statistics of docs/FORMULAS.md §11: the per-case paired bootstrap interval and its verdict.
 
 Kept apart from ``analysis`` (which runs edits) so that reports can use it from the lowest layer.
 """
@@ -9,7 +9,7 @@ import numpy as np
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 2000, confidence: float = 0.95,
                      seed: int = 0) -> tuple[float, float, float]:
-    """Mean per-case difference ``mean(a − b)`` and its paired bootstrap interval (METHOD.md §11).
+    """Mean per-case difference ``mean(a − b)`` and its paired bootstrap interval (docs/FORMULAS.md §11).
 
     a, b: (n_pairs,) per-case outcomes of two methods on the same (data seed, case) pairs, in the
     same order.  Cases are resampled with replacement (``scipy.stats.bootstrap(paired=True)``,
@@ -23,7 +23,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 2000, c
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired_bootstrap: need two equal non-empty 1-D arrays, got {a.shape}, {b.shape}")
     if n_resamples < 1000:
-        raise ValueError(f"paired_bootstrap: METHOD.md §11 asks for >= 1000 resamples, got {n_resamples}")
+        raise ValueError(f"paired_bootstrap: docs/FORMULAS.md §11 asks for >= 1000 resamples, got {n_resamples}")
     d = a - b
     diff = float(d.mean())
     if np.ptp(d) == 0.0:  # degenerate: every resample gives the same mean
@@ -35,7 +35,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 2000, c
 
 
 def verdict(lo: float, hi: float) -> str:
-    """"no difference" when the interval contains 0 (METHOD.md §11), else "better (+)" / "worse (−)".
+    """"no difference" when the interval contains 0 (docs/FORMULAS.md §11), else "better (+)" / "worse (−)".
 
     For metrics where higher is better (every benchmark metric here).
     """

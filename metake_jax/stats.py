@@ -1,4 +1,4 @@
-"""Preserved-knowledge statistics ``C0^l = E[k kᵀ]`` for every edited layer (METHOD.md §4, REFERENCE.md §3).
+"""Preserved-knowledge statistics ``C0^l = E[k kᵀ]`` for every edited layer (docs/FORMULAS.md §4, docs/FORMULAS.md §R3).
 
 One pass over a corpus collects the keys of **all** edited layers (one forward per batch with
 ``taps=layers`` and ``stop_layer = max(layers) + 1``) and adds ``Σ k kᵀ`` over non-pad tokens in
@@ -107,7 +107,7 @@ def _compiled_step(cfg: ModelConfig, layers: tuple[int, ...], mesh: Mesh | None,
 
 def second_moment_step(cfg: ModelConfig, params: Params, tokens: Array, mask: Array,
                        layers: Sequence[int], *, mesh: Mesh | None = None, precision: str = "highest") -> Array:
-    """``Σ_{non-pad tokens} k kᵀ`` (m, d_k, d_k) float32 for one padded batch (METHOD.md §4)."""
+    """``Σ_{non-pad tokens} k kᵀ`` (m, d_k, d_k) float32 for one padded batch (docs/FORMULAS.md §4)."""
     layers = _check_layers(cfg, layers)
     return _compiled_step(cfg, layers, mesh, precision)(params, tokens, mask)
 
@@ -217,7 +217,7 @@ def make_batches(
 def tokenize_corpus(tokenizer: Any, texts: Sequence[str], max_len: int, *,
                     chunk: int = 1000) -> list[list[int]]:
     """``tokenizer(text, truncation=True, max_length=max_len)["input_ids"]`` for every document
-    (BOS as the tokenizer adds it; REFERENCE.md §3)."""
+    (BOS as the tokenizer adds it; docs/FORMULAS.md §R3)."""
     out: list[list[int]] = []
     for s in range(0, len(texts), chunk):
         part = list(texts[s:s + chunk])
@@ -289,7 +289,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def corpus_from_datasets(name: str, config: str | None, split: str, n: int, *, seed: int = 1,
                          text_field: str = "text") -> list[str]:
     """``n`` documents of an HF dataset: the first ``n`` indices of ``random.Random(seed)``'s
-    shuffle of ``range(len(ds))`` (reference ``FixedRandomSubsetSampler``, REFERENCE.md §3).
+    shuffle of ``range(len(ds))`` (reference ``FixedRandomSubsetSampler``, docs/FORMULAS.md §R3).
 
     Fails at once with :class:`CorpusError` when offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``
     set and the dataset not in the local cache, or huggingface.co unreachable within 3 s).
@@ -480,7 +480,7 @@ def layer_stats(
     dtype: str = STATS_DTYPE,
     precision: str = "highest",
 ) -> Array:
-    """Normalized ``C0 = E[k kᵀ]`` (m, d_k, d_k) float32 for ``layers`` (METHOD.md §4), cached.
+    """Normalized ``C0 = E[k kᵀ]`` (m, d_k, d_k) float32 for ``layers`` (docs/FORMULAS.md §4), cached.
 
     Layers already cached are read back (key verified); all missing layers are computed in ONE
     pass over ``n_samples`` documents of ``corpus_spec`` truncated to ``max_len`` tokens and written

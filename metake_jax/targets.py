@@ -1,4 +1,4 @@
-"""Stage I: upstream target optimization for a whole batch at once (METHOD.md §3).
+"""Stage I: upstream target optimization for a whole batch at once (docs/FORMULAS.md §3).
 
 All ``n`` requests are optimized together in one jitted computation: each request has its own
 δ_i (rows of a (n_pad, d) array), its own Adam moments (Adam is elementwise, so a batched Adam
@@ -35,7 +35,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class StageIConfig:
-    """Reference hyper-parameters (REFERENCE.md §6): v_lr, v_num_grad_steps, clamp, KL, wd."""
+    """Reference hyper-parameters (docs/FORMULAS.md §R6): v_lr, v_num_grad_steps, clamp, KL, wd."""
 
     lr: float = 0.5
     steps: int = 25  # v_num_grad_steps: at most steps-1 Adam updates
@@ -168,7 +168,7 @@ def optimize_targets_grouped(
     cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
     widths: tuple[int, ...],
 ) -> StageIResult:
-    """Stage I for every request of ``batch`` in one jitted computation (METHOD.md §3).
+    """Stage I for every request of ``batch`` in one jitted computation (docs/FORMULAS.md §3).
 
     ``order`` / ``widths`` come from ``row_groups``; rows are run group by group and their loss
     terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.
@@ -243,6 +243,6 @@ def optimize_targets_grouped(
 def optimize_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
 ) -> StageIResult:
-    """Stage I (METHOD.md §3): split the rows into ``hp.row_groups`` groups, run the jitted loop."""
+    """Stage I (docs/FORMULAS.md §3): split the rows into ``hp.row_groups`` groups, run the jitted loop."""
     order, widths = row_groups(batch, hp.row_groups)
     return optimize_targets_grouped(cfg, params, batch, jnp.asarray(order), L, hp, widths)

@@ -1,4 +1,4 @@
-"""Tokenization helpers the editor and the scorers share (METHOD.md §2, §8).
+"""Tokenization helpers the editor and the scorers share (docs/FORMULAS.md §2, §8).
 
 * ``encode_pairs``: THE token rows of (prefix, continuation) pairs — Stage I rows, the keys'
   prompts and every benchmark score are built with it, so an edit is trained on exactly the tokens
@@ -125,7 +125,7 @@ def _offsets(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[tuple[int
 def subject_last_index(
     tokenizer: Tokenizer, template: str, subject: str, *, case_id: Any = None, field: str = "subject"
 ) -> int:
-    """Index of the subject's last token in ``tokenize(fill(template, subject))`` (METHOD.md §2).
+    """Index of the subject's last token in ``tokenize(fill(template, subject))`` (docs/FORMULAS.md §2).
 
     The token is the one whose character span contains the subject's last character (the last
     such token when a character is split over several byte tokens).  Raises ``RequestError``

@@ -1,4 +1,4 @@
-"""Multi-layer downstream write and the sequential cache update (METHOD.md §4, B.2).
+"""Multi-layer downstream write and the sequential cache update (docs/FORMULAS.md §4, B.2).
 
 ``multilayer_write`` is a pure function of the targets ``Z``: a ``lax.scan`` over the edited
 layers whose carry is the stack of fc_out increments.  At step t it reruns the forward pass with
@@ -30,7 +30,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class EditorConfig:
-    """Downstream editor (REFERENCE.md §6): ``alphaedit`` (P, C_p, L2) or ``memit`` (λ C0)."""
+    """Downstream editor (docs/FORMULAS.md §R6): ``alphaedit`` (P, C_p, L2) or ``memit`` (λ C0)."""
 
     method: str = "alphaedit"
     l2: float = 10.0  # AlphaEdit λ (L2)
@@ -57,7 +57,7 @@ class LayerStats(NamedTuple):
 
 
 def gate(K: Array, t: Array | int, stats: LayerStats, ecfg: EditorConfig) -> Array:
-    """The d_k × d_k gate G of layer slot t: Δᵀ = G K Rᵀ (METHOD.md §4, §6)."""
+    """The d_k × d_k gate G of layer slot t: Δᵀ = G K Rᵀ (docs/FORMULAS.md §4, §6)."""
     Cp = stats.Cp[t]
     dt = jnp.dtype(ecfg.solve_dtype)
     if ecfg.method == "alphaedit":
@@ -106,7 +106,7 @@ def multilayer_write(
     *,
     stop_grad_layers: Array | None = None,
 ) -> tuple[Array, WriteAux]:
-    """All fc_out increments (m, d_k, d) for targets Z (d, n_pad) — METHOD.md §4 B.2.
+    """All fc_out increments (m, d_k, d) for targets Z (d, n_pad) — docs/FORMULAS.md §4 B.2.
 
     ``stop_grad_layers`` (m,) of 0/1: where 1, the increment of that slot is computed from a
     stop-gradient copy of Z (used by the §7 diagnostics to isolate the final layer's path).

@@ -23,7 +23,7 @@ class ModelConfig:
     d_model: int
     n_layers: int
     n_heads: int
-    d_ff: int  # d_k of METHOD.md §1: the key width
+    d_ff: int  # d_k of docs/FORMULAS.md §1: the key width
     n_kv_heads: int | None = None
     head_dim: int | None = None
     max_positions: int = 2048

@@ -1,6 +1,6 @@
 """Checkpoint conversion: HF / GGUF checkpoints -> our param tree (models/config.py), back to HF.
 
-Entry points (METHOD.md §1 model: the edited weight is ``params['layers']['mlp']['fc_out']['kernel']``):
+Entry points (docs/FORMULAS.md §1 model: the edited weight is ``params['layers']['mlp']['fc_out']['kernel']``):
 
 * ``load_hf_checkpoint(dir_or_hub_id, dtype=...)``: a local HF directory (``config.json`` plus
   ``model.safetensors`` | ``model.safetensors.index.json`` | ``pytorch_model.bin`` |

@@ -1,8 +1,8 @@
 """Fast KV-cached text generation (greedy and top-k sampling) on the model interface.
 
-Used for the MEMIT-style context templates (METHOD.md §2, ``metake_jax/templates.py``), sampling a corpus from the model for
-the key statistics C_0 (METHOD.md §4), CounterFact fluency generations (METHOD.md §8) and greedy
-answers to GLUE-style prompts (REFERENCE.md §8).
+Used for the MEMIT-style context templates (docs/FORMULAS.md §2, ``metake_jax/templates.py``), sampling a corpus from the model for
+the key statistics C_0 (docs/FORMULAS.md §4), CounterFact fluency generations (docs/FORMULAS.md §8) and greedy
+answers to GLUE-style prompts (docs/FORMULAS.md §R8).
 
 Design: prompts are LEFT-padded, so every row's next token goes to the same cache column.  One
 jitted function runs a prefill pass over the (bucketed) prompt block, then a ``lax.scan`` over the
@@ -14,7 +14,7 @@ softmax (``_attend``), so no per-layer cache copy is made.  The block math is th
 ``models/layers.py`` (``block_with_attention`` with a cached attention built on ``qkv_proj``);
 embedding and head are ``models.interface.embed`` / ``head``.
 
-Reference conventions (REFERENCE.md §1, §7: MEMIT ``util/generate.py::generate_fast``):
+Reference conventions (docs/FORMULAS.md §R1, §R7: MEMIT ``util/generate.py::generate_fast``):
 ``max_out_len`` counts TOTAL tokens per text (prompt included); top-k sampling renormalises the
 softmax over the k largest logits; no stop at EOS; decoded text is NFKD-normalised with ``"\\n\\n"``
 replaced by a space and ``"<|endoftext|>"`` removed.
@@ -374,7 +374,7 @@ def sample_texts(
     clean: bool = True,
 ) -> list[str]:
     """Texts (prompt + continuation) of ``max_out_len`` TOTAL tokens each, the reference
-    ``generate_fast`` convention (REFERENCE.md §1, §7).
+    ``generate_fast`` convention (docs/FORMULAS.md §R1, §R7).
 
     ``top_k=None`` is greedy.  Row i samples with ``fold_in(PRNGKey(seed), i)``, so the result
     does not depend on ``batch_size``.  ``eos_token_id`` (default None = no stop, as the

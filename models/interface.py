@@ -1,4 +1,4 @@
-"""The one model interface every piece of editing code uses (METHOD.md §1).
+"""The one model interface every piece of editing code uses (docs/FORMULAS.md §1).
 
 All functions are pure and jit-friendly; ``cfg`` and every layer index / tuple of layers are
 static.  The layer stack is run with ``jax.lax.scan`` over layer indices with dynamic indexing of
@@ -8,7 +8,7 @@ Hooks:
 * ``w_out_deltas = WDeltas(layers, delta)``: add ``delta[j]`` (d_k, d) to the fc_out kernel of layer
   ``layers[j]`` (the edited weight, Flax (in, out) layout) without copying the param tree.
 * ``add_at = AddAt(layer, positions, delta)``: add ``delta[b]`` (d,) to block ``layer``'s output at
-  token ``positions[b]`` of example b (Stage I, METHOD.md §3).
+  token ``positions[b]`` of example b (Stage I, docs/FORMULAS.md §3).
 * ``taps`` (static tuple of layers) with ``tap_positions`` (B, P): return block outputs and keys
   of those layers gathered at those positions.
 * ``start_layer`` / ``h_start``: begin from the hidden states entering ``start_layer`` (caching the
@@ -67,7 +67,7 @@ W_OUT_PATH: tuple[str, ...] = ("layers", "mlp", "fc_out", "kernel")
 
 
 def w_out(params: Params, layers: int | Sequence[int]) -> Array:
-    """The edited weight W_outᵀ of METHOD.md §1 in Flax layout: (d_key, d_model) for one layer,
+    """The edited weight W_outᵀ of docs/FORMULAS.md §1 in Flax layout: (d_key, d_model) for one layer,
     (m, d_key, d_model) for a sequence of m layers."""
     k = functools.reduce(operator.getitem, W_OUT_PATH, params)
     return k[layers] if isinstance(layers, int) else k[jnp.asarray(tuple(layers), jnp.int32)]

@@ -1,7 +1,7 @@
 """The generic transformer block as pure functions over one layer's params.
 
 Each function takes ``lp`` = one layer's slice of ``params['layers']`` (layout:
-``models/families/base.py``) and returns the block output and the MLP key (METHOD.md §1: the input
+``models/families/base.py``) and returns the block output and the MLP key (docs/FORMULAS.md §1: the input
 of the FFN output projection ``fc_out``).  How the block runs (norm, rotary, parallel or
 sequential, gated MLP) is the family's ``BlockOptions`` (``models.families.block_options(cfg)``);
 no function here names a family.
@@ -168,7 +168,7 @@ def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
 
 
 def mlp_key(cfg: ModelConfig, p: Params, x: Array) -> Array:
-    """The key k = input of fc_out (METHOD.md §1); x: (B, T, d) normed MLP input -> (B, T, d_key)."""
+    """The key k = input of fc_out (docs/FORMULAS.md §1); x: (B, T, d) normed MLP input -> (B, T, d_key)."""
     opts = block_options(cfg)
     act = ACTIVATIONS[opts.activation]
     if opts.gated_mlp:

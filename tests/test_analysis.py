@@ -1,4 +1,4 @@
-"""Analyses (METHOD.md §10) and paired statistics (§11): metake_jax/analysis.py, report.paired_*,
+"""Analyses (docs/FORMULAS.md §10) and paired statistics (§11): metake_jax/analysis.py, report.paired_*,
 launch/compare.py.  Fast: a tiny random model and synthetic per-case outcomes."""
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_mmd2_zero_for_identical_positive_for_shifted():
 def test_realized_gamma_equals_attenuation_single_request(method):
     """ONE request, a single-layer write with C_p (AlphaEdit) / λ_C C0 (MEMIT), templates = bare
     prompt only (so the written key is the key at h_L's token): h_L^post − h_L = Δk = α r exactly,
-    hence γ = α = β/(1+β) (METHOD.md §5).  Oracle for the β / γ plumbing of measure_write."""
+    hence γ = α = β/(1+β) (docs/FORMULAS.md §5).  Oracle for the β / γ plumbing of measure_write."""
     from metake_jax.batch import EditBatch, prepare_batch
     from metake_jax.editor import EditConfig, EditState
     from metake_jax.requests import EditRequest
@@ -136,7 +136,7 @@ def test_realized_gamma_equals_attenuation_single_request(method):
     m = analysis.measure_write(cfg, state, batch, Z, ecfg, n)
     beta = m.beta[0]
     assert 0.05 < beta / (1 + beta) < 0.95, beta  # a non-trivial attenuation
-    # β against a float64 numpy reference of METHOD.md §5 (from the float32 matrices the editor saw)
+    # β against a float64 numpy reference of docs/FORMULAS.md §5 (from the float32 matrices the editor saw)
     P32, C032, Cp32 = (np.asarray(x[0], np.float64) for x in stats)
     if method == "alphaedit":
         ref = k @ P32 @ np.linalg.solve(Cp32 @ P32 + np.float32(l2) * np.eye(dk), k)

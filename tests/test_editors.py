@@ -1,4 +1,4 @@
-"""Closed-form editors, gates and association (METHOD.md §4–§6) against float64 numpy and identities."""
+"""Closed-form editors, gates and association (docs/FORMULAS.md §4–§6) against float64 numpy and identities."""
 from __future__ import annotations
 
 import jax
@@ -43,7 +43,7 @@ def setup():
     return dict(Q=Q, C0=C0, P=P, K=K, R=R, Cp=Cp, C_well=C_well)
 
 
-# ----------------------------------------------------------------------------- numpy oracles (METHOD.md §4)
+# ----------------------------------------------------------------------------- numpy oracles (docs/FORMULAS.md §4)
 
 
 def np_memit(K, R, C0, lam, Cp=None):
@@ -117,7 +117,7 @@ def test_alphaedit_matches_numpy(setup, with_cp):
 
 @pytest.mark.parametrize("with_cp", [False, True])
 def test_alphaedit_preserves_null_space_keys(setup, with_cp):
-    """Δ K0 = 0 for keys K0 with P K0 = 0 (REFERENCE.md §5 identity (i))."""
+    """Δ K0 = 0 for keys K0 with P K0 = 0 (docs/FORMULAS.md §R5 identity (i))."""
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     inc = E.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), Cp, L2)
@@ -134,7 +134,7 @@ def test_alphaedit_preserves_null_space_keys(setup, with_cp):
 
 @pytest.mark.parametrize("with_cp", [False, True])
 def test_realized_change_is_residual_times_interaction(setup, with_cp):
-    """Δ K = R M with M = Kᵀ P ((KKᵀ+C_p)P + λI)⁻¹ K (METHOD.md §5); M is a shrinkage (eig in [0,1))."""
+    """Δ K = R M with M = Kᵀ P ((KKᵀ+C_p)P + λI)⁻¹ K (docs/FORMULAS.md §5); M is a shrinkage (eig in [0,1))."""
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     K, R, P = f32(s["K"]), f32(s["R"]), f32(s["P"])
@@ -164,7 +164,7 @@ def test_memit_realized_change(setup):
 
 @pytest.mark.parametrize("with_cp", [False, True])
 def test_single_request_association(setup, with_cp):
-    """α = β/(1+β) ∈ [0,1) equals ‖Δk‖/‖r‖ for a lone request (METHOD.md §5, Proposition 1)."""
+    """α = β/(1+β) ∈ [0,1) equals ‖Δk‖/‖r‖ for a lone request (docs/FORMULAS.md §5, Proposition 1)."""
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     K, P = f32(s["K"]), f32(s["P"])
@@ -196,7 +196,7 @@ def test_memit_single_request_association(setup, with_cp):
         assert np.linalg.norm(realized) / np.linalg.norm(f64(r)) == pytest.approx(alpha[i], rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- gates (METHOD.md §6)
+# ----------------------------------------------------------------------------- gates (docs/FORMULAS.md §6)
 
 
 @pytest.mark.parametrize("with_cp", [False, True])

@@ -214,7 +214,7 @@ def test_context_templates_structure_and_braces():
 
 
 def test_context_templates_keep_bos_text():
-    """skip_special_tokens=False keeps the literal BOS text (the AE Llama-3 quirk, REFERENCE.md §1)."""
+    """skip_special_tokens=False keeps the literal BOS text (the AE Llama-3 quirk, docs/FORMULAS.md §R1)."""
     tok = tiny_tokenizer(add_bos=True)
     _, cfg, params = _model("llama")
     tpl = context_templates(cfg, params, tok, seed=0, skip_special_tokens=False)

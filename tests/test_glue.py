@@ -1,4 +1,4 @@
-"""General-capability evaluation (REFERENCE.md §8): prompts, selection, prediction rules, torch parity."""
+"""General-capability evaluation (docs/FORMULAS.md §R8): prompts, selection, prediction rules, torch parity."""
 from __future__ import annotations
 
 import json

@@ -130,7 +130,7 @@ def test_key_index_covers_subject_last_character(tok_name, smol_tok):
                 s, e = covering_token(tok, text, tok(text)["input_ids"], idx)
                 assert s <= pos < e, (template, subject, idx, (s, e))
                 if suffix[:1] in ("", " ") and not suffix.startswith("  "):
-                    # a space-separated subject: the reference rule (METHOD.md §2) is well defined and agrees
+                    # a space-separated subject: the reference rule (docs/FORMULAS.md §2) is well defined and agrees
                     assert idx == len(tok(text[:pos + 1])["input_ids"]) - 1, (template, subject)
                     n_ref += 1
     assert n_ref >= len(SUBJECTS) * 3 * 2

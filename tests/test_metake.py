@@ -1,4 +1,4 @@
-"""MetaKE (METHOD.md §6) and the exact hypergradient (§7): identities and finite differences."""
+"""MetaKE (docs/FORMULAS.md §6) and the exact hypergradient (§7): identities and finite differences."""
 from __future__ import annotations
 
 import dataclasses
@@ -85,7 +85,7 @@ def test_multi_layer_proxy_differs_but_correlates(setup):
 
 
 def test_single_layer_diagnostics_identities(setup):
-    """One edited layer: g_final = g_exact = g_proxy, so all three cosines are 1 and ρ = 0 (METHOD.md §7)."""
+    """One edited layer: g_final = g_exact = g_proxy, so all three cosines are 1 and ρ = 0 (docs/FORMULAS.md §7)."""
     _, cfg, params, b, Z0 = setup
     st = _stats(cfg.d_ff, 1)
     d = diagnostics(cfg, params, b, Z0 + 0.01 * b.valid, Z0, (2,), st, ECFG, MetaKEConfig(), 0.1)
@@ -159,7 +159,7 @@ def test_refinement_lowers_meta_loss_and_ablations_differ(setup):
 def test_meta_loss_never_rises_along_the_scan(setup, anchor, search):
     """Armijo backtracking: every request's ℓ_meta ("request") / the batch's Σ ℓ_meta ("batch") is
     non-increasing at every outer step, also at a step size so large that plain gradient descent
-    overshoots (METHOD.md §6)."""
+    overshoots (docs/FORMULAS.md §6)."""
     _, cfg, params, b, Z0 = setup
     st = _stats(cfg.d_ff, 2)
     lr = 50.0 if anchor == "relative" else 20.0
@@ -197,7 +197,7 @@ def _scaled_model(params, s):
 
 def test_refinement_is_invariant_to_residual_stream_scale():
     """anchor="relative": Z^(T)(s) / s is the same for s ∈ {1, 10, 100} (≤ 1e-4 relative), with the
-    same Z⁰ scaled by s; the literal absolute reading is not invariant (METHOD.md §6 "Units")."""
+    same Z⁰ scaled by s; the literal absolute reading is not invariant (docs/FORMULAS.md §6 "Units")."""
     tok = tiny_tokenizer()
     cfg, params = tiny_model("llama", seed=1, rms_norm_eps=1e-12)  # eps ≪ ms(h): exactly scale-free norms
     b, _ = prepare_batch(tok, REQS, TEMPLATES)
@@ -221,7 +221,7 @@ def test_refinement_is_invariant_to_residual_stream_scale():
 @pytest.mark.parametrize("ablation", [dict(steps=0), dict(feedback="stopgrad")])
 def test_no_bilevel_and_stopgrad_give_exactly_alphaedit(setup, ablation):
     """T = 0, and stop-grad feedback (only the anchor's gradient, zero at Z⁰), write exactly the
-    AlphaEdit weights (METHOD.md §6, Table 2)."""
+    AlphaEdit weights (docs/FORMULAS.md §6, Table 2)."""
     tok, cfg, params, _, _ = setup
     st = _stats(cfg.d_ff, 2)
     state = init_state(params, cfg, LAYERS, P=st.P, C0=st.C0)
@@ -241,7 +241,7 @@ def test_no_bilevel_and_stopgrad_give_exactly_alphaedit(setup, ablation):
 
 def test_bare_prompt_lookahead_scores_the_bare_and_kl_rows(setup):
     """select_rows keeps exactly the bare + KL rows: the virtual losses equal the full batch's
-    losses re-weighted onto those rows (an identity of the batching, METHOD.md §6)."""
+    losses re-weighted onto those rows (an identity of the batching, docs/FORMULAS.md §6)."""
     from metake_jax.batch import rows_per_request, select_rows
     from metake_jax.metake import prepare_lookahead, virtual_losses
 
@@ -268,7 +268,7 @@ def test_bare_prompt_lookahead_scores_the_bare_and_kl_rows(setup):
 
 
 def test_cp_update_and_nonfinite_cache_keeps_state(setup):
-    """C_p ← C_p + K Kᵀ with K the batch's keys on the EDITED model (METHOD.md §4; float64 oracle);
+    """C_p ← C_p + K Kᵀ with K the batch's keys on the EDITED model (docs/FORMULAS.md §4; float64 oracle);
     a non-finite C_p update refuses the whole batch and leaves the input state as it was."""
     from metake_jax.keys import keys_and_hidden
 

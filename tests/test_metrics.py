@@ -1,4 +1,4 @@
-"""Scoring and metrics (METHOD.md §8): hand-built logits, fake tokenizers (BOS / no BOS), float64
+"""Scoring and metrics (docs/FORMULAS.md §8): hand-built logits, fake tokenizers (BOS / no BOS), float64
 oracles for entropy / TF-IDF / F1 / MCC, and parity of the jitted scorer with torch transformers."""
 from __future__ import annotations
 

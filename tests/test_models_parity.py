@@ -1,6 +1,6 @@
 """Parity of models.interface.forward (loaded through models.convert) against torch transformers.
 
-Oracle: the same random tiny checkpoint run by HF torch in float32 (METHOD.md §1 hooks checked
+Oracle: the same random tiny checkpoint run by HF torch in float32 (docs/FORMULAS.md §1 hooks checked
 against torch hooks: keys = input of the FFN output projection, block outputs, W_out deltas,
 additive residual edits, and restarting from a cached hidden state).
 """

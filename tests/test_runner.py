@@ -1,5 +1,5 @@
-"""The sequential runner (METHOD.md §9): resume equals an uninterrupted run, config overrides
-through launch/edit.py, --help, and the shipped configs (REFERENCE.md §6)."""
+"""The sequential runner (docs/FORMULAS.md §9): resume equals an uninterrupted run, config overrides
+through launch/edit.py, --help, and the shipped configs (docs/FORMULAS.md §R6)."""
 from __future__ import annotations
 
 import importlib
@@ -130,7 +130,7 @@ def test_help_lists_flags():
     assert "--config" in out.stdout and "--config.batch_size" in out.stdout
 
 
-REF = {  # REFERENCE.md §6 (AE hparams/AlphaEdit and hparams/MEMIT)
+REF = {  # docs/FORMULAS.md §R6 (AE hparams/AlphaEdit and hparams/MEMIT)
     "gpt2xl": dict(layers=(13, 14, 15, 16, 17), lr=0.5, steps=20, lam=20000.0),
     "gptj": dict(layers=(3, 4, 5, 6, 7, 8), lr=0.5, steps=25, lam=15000.0),
     "llama3": dict(layers=(4, 5, 6, 7, 8), lr=0.1, steps=25, lam=15000.0),

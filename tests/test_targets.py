@@ -1,4 +1,4 @@
-"""Stage I (METHOD.md §3): torch reference loop as oracle, batching without cross-talk, clamp, stop."""
+"""Stage I (docs/FORMULAS.md §3): torch reference loop as oracle, batching without cross-talk, clamp, stop."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Classification metrics for the general-capability tasks (REFERENCE.md §8), numpy only.
+"""Classification metrics for the general-capability tasks (docs/FORMULAS.md §R8), numpy only.
 
 Conventions follow sklearn's ``accuracy_score``, ``f1_score(average="weighted")`` and
 ``matthews_corrcoef``: the label set is the union of labels in ``y_true`` and ``y_pred`` (so an

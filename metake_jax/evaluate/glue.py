@@ -1,4 +1,4 @@
-"""General-capability evaluation: SST-2, MRPC, CoLA, RTE, NLI, MMLU zero-shot (REFERENCE.md §8).
+"""General-capability evaluation: SST-2, MRPC, CoLA, RTE, NLI, MMLU zero-shot (docs/FORMULAS.md §R8).
 
 Data: the JSON conversions of the AlphaEdit/EMMET ``glue_eval/dataset/*.pkl`` subsets, read from a
 directory (default ``<repo>/../shared/data/glue_eval``).  A missing directory skips the whole

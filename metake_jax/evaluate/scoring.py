@@ -1,4 +1,4 @@
-"""Batched, jitted teacher-forced scoring of (prefix, target) continuations (METHOD.md §8).
+"""Batched, jitted teacher-forced scoring of (prefix, target) continuations (docs/FORMULAS.md §8).
 
 Every benchmark metric reduces to: for each pair, the mean NLL of the target tokens after the
 prefix, whether the argmax equals every target token, and the argmax tokens themselves.  All
@@ -7,7 +7,7 @@ pairs are tokenized up front, sorted by length and packed into buckets with stat
 of two >= 4), and each bucket is scored by one jitted call — there is no per-prompt model call.
 
 Tokenization: ``metake_jax.tokens.encode_pairs`` (BOS-aware; the rows Stage I trains on), so the
-reference's Llama special case (REFERENCE.md §7) falls out without a family switch.  Callers pass
+reference's Llama special case (docs/FORMULAS.md §R7) falls out without a family switch.  Callers pass
 (prefix, continuation) texts from ``metake_jax.requests.join_target`` (GLUE: the reference's
 ``target_text``); nothing is added here.
 
@@ -192,6 +192,6 @@ def target_logprobs(
     batch_size: int = 32,
     w_out_deltas: WDeltas | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(mean NLL per pair, argmax-equals-every-target-token per pair) — REFERENCE.md §7 scoring."""
+    """(mean NLL per pair, argmax-equals-every-target-token per pair) — docs/FORMULAS.md §R7 scoring."""
     s = score_pairs(cfg, params, tokenizer, prefixes, targets, batch_size=batch_size, w_out_deltas=w_out_deltas)
     return s.mean_nll, s.all_correct

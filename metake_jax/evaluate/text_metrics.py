@@ -1,4 +1,4 @@
-"""Generation-text metrics: n-gram entropy (Fluency) and TF-IDF cosine (Consistency), METHOD.md §8.
+"""Generation-text metrics: n-gram entropy (Fluency) and TF-IDF cosine (Consistency), docs/FORMULAS.md §8.
 
 Word tokenizer: the reference uses ``nltk.word_tokenize``; nltk is not available here, so words
 are split with the regex ``WORD_RE`` — runs of word characters (keeping internal apostrophes /
@@ -8,7 +8,7 @@ into "do" "n't") and a few quote/period conventions; entropies can differ slight
 reference on such texts.
 
 TF-IDF follows sklearn's ``TfidfVectorizer(vocabulary=V)`` with ``idf_ = idf`` as the reference
-uses it (REFERENCE.md §7): lowercase, token pattern ``(?u)\\b\\w\\w+\\b``, raw term counts times
+uses it (docs/FORMULAS.md §R7): lowercase, token pattern ``(?u)\\b\\w\\w+\\b``, raw term counts times
 idf, then the cosine of the two vectors (the l2 normalisation cancels in the cosine).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _entropy_bits(counts: Sequence[int]) -> float:
 def text_ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
     """One text's score: mean_n(w_n · H_n), H_n the entropy in bits of the n-gram frequencies.
 
-    With the defaults this is (2/3·H2 + 4/3·H3)/2 = H2/3 + 2·H3/3 (REFERENCE.md §7).  A text with
+    With the defaults this is (2/3·H2 + 4/3·H3)/2 = H2/3 + 2·H3/3 (docs/FORMULAS.md §R7).  A text with
     fewer than n words has H_n = 0 (the reference's empty frequency table gives 0 too).
     """
     toks = word_tokenize(text)

@@ -1,4 +1,4 @@
-"""ZsRE metrics: token-level teacher-forced top-1 accuracy (METHOD.md §8, REFERENCE.md §7 ZsRE).
+"""ZsRE metrics: token-level teacher-forced top-1 accuracy (docs/FORMULAS.md §8, docs/FORMULAS.md §R7 ZsRE).
 
 For each case, in ONE batched pass (``scoring.score_pairs``):
 
@@ -11,7 +11,7 @@ For each case, in ONE batched pass (``scoring.score_pairs``):
   - ``specificity`` (REPORTED BY DEFAULT, the MEMIT/AlphaEdit tables' ``post_neighborhood_acc``):
     per-token argmax equals the ``loc_ans`` tokens;
   - ``specificity_pre_edit``: per-token agreement of the argmax with the pre-edit model's argmax at
-    the same positions (METHOD.md §8 "agreement with the pre-edit top-1 tokens").  Computed when
+    the same positions (docs/FORMULAS.md §8 "agreement with the pre-edit top-1 tokens").  Computed when
     the pre-edit predictions are available: pass ``pre_edit_argmax`` (from
     ``neighborhood_argmax`` on the unedited model), or pass ``w_out_deltas`` — then the pre-edit
     model is ``params`` without the deltas and it is scored in the same call.

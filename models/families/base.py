@@ -19,7 +19,7 @@ shape of a leaf depends only on its path (:func:`leaf_shape`)::
     layers/attn/{q,k,v,o}/bias     (N, H·hd), (N, Hkv·hd), (N, Hkv·hd), (N, d)
     layers/attn/{q_norm,k_norm}/scale (N, hd)
     layers/mlp/{fc_in,gate,up}/kernel (N, d, d_key)    layers/mlp/fc_in/bias (N, d_key)
-    layers/mlp/fc_out/kernel (N, d_key, d)  <- W_outᵀ of METHOD.md §1, the edited weight
+    layers/mlp/fc_out/kernel (N, d_key, d)  <- W_outᵀ of docs/FORMULAS.md §1, the edited weight
     layers/mlp/fc_out/bias   (N, d)
 """
 from __future__ import annotations
