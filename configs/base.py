@@ -1,4 +1,4 @@
-"""Every field of a run configuration, with its meaning (docs/FORMULAS.md §3–§9, docs/FORMULAS.md §R5–§R8).
+"""Every field of a run configuration, with its meaning (docs/FORMULAS.md §3–§9, §R5–§R8).
 
 Use a model/dataset config (e.g. ``configs/smollm2_cf.py``) and override fields on the command line::
 
@@ -60,7 +60,7 @@ def get_config() -> ConfigDict:
     c.stage1.early_stop = 5e-2  # stop a request's optimization once its NLL < this
     c.stage1.row_groups = 4  # rows run in 4 length-sorted groups at their own widths (same numbers, less padding)
 
-    # Downstream editor (docs/FORMULAS.md §4; docs/FORMULAS.md §R5)
+    # Downstream editor (docs/FORMULAS.md §4; §R5)
     c.editor = ConfigDict()
     c.editor.l2 = 10.0  # AlphaEdit L2 (λ of (P(KKᵀ+C_p) + λI))
     c.editor.mom2_update_weight = 15000.0  # MEMIT λ_C
@@ -94,7 +94,7 @@ def get_config() -> ConfigDict:
     c.stats.seed = 1
     c.stats.cache_dir = ""  # "" = $METAKE_CACHE/stats (default ~/.cache/metake-jax/stats)
 
-    # ---------------------------------------------------------------- evaluation (docs/FORMULAS.md §8; docs/FORMULAS.md §R7–§R8)
+    # ---------------------------------------------------------------- evaluation (docs/FORMULAS.md §8; §R7–§R8)
     c.eval = ConfigDict()
     c.eval.pre = True  # evaluate all cases on the unedited model (pre/post table)
     c.eval.final = True  # evaluate all cases on the final model

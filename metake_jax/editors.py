@@ -154,7 +154,7 @@ def _alphaedit_system(K, P, Cp, l2, dt):
 
 def memit_system(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                  solve_dtype: DType = jnp.float32) -> Array:
-    """``A = λ_C C0 + C_p + K Kᵀ`` (docs/FORMULAS.md §4 MEMIT; docs/FORMULAS.md §R4 MEMIT_seq adds C_p)."""
+    """``A = λ_C C0 + C_p + K Kᵀ`` (docs/FORMULAS.md §4 MEMIT; §R4 MEMIT_seq adds C_p)."""
     _check_kr(K)
     _check_square("C0", C0, K.shape[0])
     _check_square("Cp", Cp, K.shape[0])
@@ -188,7 +188,7 @@ def memit_increment(K: Array, R: Array, C0: Array, lam: float | Array, Cp: Array
                     solve_dtype: DType = jnp.float64, return_diagnostics: bool = False):
     """MEMIT kernel increment ``Δᵀ = (R Kᵀ (λ_C C0 + C_p + K Kᵀ)⁻¹)ᵀ``, shape (d_k, d).
 
-    docs/FORMULAS.md §4; docs/FORMULAS.md §R4 step 2d (``X = solve(A, K)``, ``Δ = R Xᵀ``, float64).
+    docs/FORMULAS.md §4; §R4 step 2d (``X = solve(A, K)``, ``Δ = R Xᵀ``, float64).
     ``Cp`` (d_k, d_k) gives MEMIT_seq (docs/FORMULAS.md §R4); ``None`` = plain MEMIT.
     With ``return_diagnostics`` returns ``(increment, SolveDiagnostics)``.
     """

@@ -1,4 +1,4 @@
-"""AlphaEdit null-space projector ``P`` from the layer statistics C0 (docs/FORMULAS.md §4, docs/FORMULAS.md §R5).
+"""AlphaEdit null-space projector ``P`` from the layer statistics C0 (docs/FORMULAS.md §4, §R5).
 
 ``C0 = U Λ Uᵀ`` (``jnp.linalg.eigh`` of the symmetrized, *normalized* ``E[k kᵀ]``; on a symmetric
 PSD matrix this equals the reference's ``svd(cov)``), keep the eigenvectors ``Û`` of the small

@@ -127,7 +127,7 @@ class NeighborPrompt:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """An edit request with its evaluation material (docs/FORMULAS.md §8, docs/FORMULAS.md §R7).
+    """An edit request with its evaluation material (docs/FORMULAS.md §8, §R7).
 
     CounterFact: ``neighborhood`` answers are ``target_true`` (ROME format) or
     ``locality_ground_truth`` (flat format).  ZsRE: ``paraphrase_prompts = (rephrase,)``,

@@ -1,4 +1,4 @@
-"""The sequential editing protocol (docs/FORMULAS.md §9, docs/FORMULAS.md §R5 "Sequential protocol").
+"""The sequential editing protocol (docs/FORMULAS.md §9, §R5 "Sequential protocol").
 
 ``run(config)`` does, for a run configuration (``configs/base.py``):
 

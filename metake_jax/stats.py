@@ -1,4 +1,4 @@
-"""Preserved-knowledge statistics ``C0^l = E[k kᵀ]`` for every edited layer (docs/FORMULAS.md §4, docs/FORMULAS.md §R3).
+"""Preserved-knowledge statistics ``C0^l = E[k kᵀ]`` for every edited layer (docs/FORMULAS.md §4, §R3).
 
 One pass over a corpus collects the keys of **all** edited layers (one forward per batch with
 ``taps=layers`` and ``stop_layer = max(layers) + 1``) and adds ``Σ k kᵀ`` over non-pad tokens in

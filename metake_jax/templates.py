@@ -1,4 +1,4 @@
-"""MEMIT-style context templates (docs/FORMULAS.md §2, docs/FORMULAS.md §R1): an editing convention, sampled
+"""MEMIT-style context templates (docs/FORMULAS.md §2, §R1): an editing convention, sampled
 from the model with ``models.generate.sample_texts``."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def context_templates(
     skip_special_tokens: bool = True,
     top_k: int = 5,
 ) -> list[list[str]]:
-    """The MEMIT context templates ``[["{}"], [g_1 ... g_n]]`` (docs/FORMULAS.md §2, docs/FORMULAS.md §R1).
+    """The MEMIT context templates ``[["{}"], [g_1 ... g_n]]`` (docs/FORMULAS.md §2, §R1).
 
     Each g_j is a top-k (5) sample of ``length`` total tokens from a seed word, braces replaced by
     spaces and ``". {}"`` appended.  Seeded and reproducible (the reference is unseeded).

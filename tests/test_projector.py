@@ -1,4 +1,4 @@
-"""Null-space projector (docs/FORMULAS.md §4, docs/FORMULAS.md §R5) against a known spectrum and numpy."""
+"""Null-space projector (docs/FORMULAS.md §4, §R5) against a known spectrum and numpy."""
 from __future__ import annotations
 
 import json

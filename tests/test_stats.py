@@ -1,4 +1,4 @@
-"""Layer statistics C0 = E[k kᵀ] (docs/FORMULAS.md §4, docs/FORMULAS.md §R3) against torch per-sequence keys."""
+"""Layer statistics C0 = E[k kᵀ] (docs/FORMULAS.md §4, §R3) against torch per-sequence keys."""
 from __future__ import annotations
 
 import json

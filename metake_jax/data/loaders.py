@@ -1,4 +1,4 @@
-"""Load edit cases from local benchmark files or a dataset hub id (docs/FORMULAS.md §8–§9, docs/FORMULAS.md §R7).
+"""Load edit cases from local benchmark files or a dataset hub id (docs/FORMULAS.md §8–§9, §R7).
 
 Formats (auto-detected from the first record, or passed explicitly as ``fmt``):
 

@@ -1,4 +1,4 @@
-"""Benchmark metrics (docs/FORMULAS.md §8; docs/FORMULAS.md §R7–§R8): batched jitted scoring, CounterFact,
+"""Benchmark metrics (docs/FORMULAS.md §8; §R7–§R8): batched jitted scoring, CounterFact,
 ZsRE, general-capability (GLUE/MMLU) and text metrics.  Submodules import the model code lazily
 where it is optional (generation)."""
 from metake_jax.evaluate.classification import accuracy, matthews_corrcoef, weighted_f1

@@ -1,4 +1,4 @@
-"""CounterFact / MCF metrics (docs/FORMULAS.md §8, docs/FORMULAS.md §R7).
+"""CounterFact / MCF metrics (docs/FORMULAS.md §8, §R7).
 
 Per case, every rewrite, paraphrase and neighborhood prompt is scored for two continuations —
 ``target_new`` and the answer (target_true, or a flat record's ``locality_ground_truth`` for its

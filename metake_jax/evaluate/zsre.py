@@ -1,4 +1,4 @@
-"""ZsRE metrics: token-level teacher-forced top-1 accuracy (docs/FORMULAS.md §8, docs/FORMULAS.md §R7 ZsRE).
+"""ZsRE metrics: token-level teacher-forced top-1 accuracy (docs/FORMULAS.md §8, §R7 ZsRE).
 
 For each case, in ONE batched pass (``scoring.score_pairs``):
 
