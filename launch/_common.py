@@ -54,6 +54,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(f"bad --config override: unknown field {one_line(e)}")
     except (ValueError, TypeError) as e:  # a --config.<field> value that does not fit the field
         fail(f"bad --config override: {one_line(e)}")
+    except (OSError, SyntaxError, ImportError) as e:  # overrides on a config file that did not load
+        fail(f"--config: {one_line(e)}")
 
 
 def run_cli(main: Callable[[list[str]], Any]) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 ANALYSES = ("gamma", "shift", "kl", "sensitivity")  # run in this order: shift reuses the gamma streams
@@ -355,7 +355,7 @@ def _queries(ctx: Context) -> tuple[list[str], str]:
         prompts = [r["prompt"] for r in recs if isinstance(r, dict) and r.get("prompt")]
         return prompts[:_N_QUERIES.value], str(path)
     if _QUERIES.value:
-        raise app.UsageError(f"--queries={_QUERIES.value}: file not found")
+        raise FileNotFoundError(f"--queries={_QUERIES.value}: file not found")
     prompts = []
     for c in ctx.cases:
         prompts += [c.request.text, *c.paraphrase_prompts, *c.neighborhood_prompts]
@@ -424,7 +424,9 @@ def main(argv: list[str]) -> None:
 
     unknown = [m for m in _METHODS.value if m not in METHODS]
     if unknown:
-        raise app.UsageError(f"--methods: unknown {unknown}")
+        from launch._common import fail
+
+        fail(f"--methods: unknown {unknown} (one of {', '.join(METHODS)})")
     out = Path(_OUT.value or Path(str(c.run_dir)) / "analysis").expanduser()
     t0 = time.perf_counter()
     ctx = Context(c, out)
@@ -434,4 +436,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from launch._common import run_cli
+
+    run_cli(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model/dataset config (configs/*.py).")
@@ -89,7 +89,6 @@ def plots(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    del argv
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -98,10 +97,16 @@ def main(argv: list[str]) -> None:
     from metake_jax.experiment import prepare
     from metake_jax.hypergrad import GRADIENTS, diagnostics
     from metake_jax.targets import optimize_targets
+    from launch._common import checked_config, setup_logging
+
+    checked_config(argv, _CONFIG.value)
+    setup_logging()
 
     c = _CONFIG.value
     if c.metake is None:
-        raise app.UsageError("config has no metake section")
+        from metake_jax.runner import RunError
+
+        raise RunError("config.metake: the config has no metake section")
     t0 = time.perf_counter()
     s = prepare(c)
     n = min(_N.value, len(s.cases))
@@ -142,5 +147,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from launch._common import run_cli
+
+    run_cli(main)

@@ -103,6 +103,10 @@ def edit_config(c: Any) -> EditConfig:
         raise RunError(f"config.stats.kind={kind!r} is not one of {', '.join(CORPUS_KINDS)}")
     inner = "memit" if method in ("memit", "metake_memit") else "alphaedit"
     solve = _get(c, "editor.solve_dtype") or ("float64" if inner == "memit" else "float32")
+    for field, value, allowed in (("dtype", str(_get(c, "dtype", "float32")), ("float32", "bfloat16")),
+                                  ("editor.solve_dtype", str(solve), ("float32", "float64"))):
+        if value not in allowed:  # checked before anything is loaded or written
+            raise RunError(f"config.{field}={value!r} is not one of {', '.join(allowed)}")
     editor = EditorConfig(method=inner, l2=float(c.editor.l2),
                           mom2_update_weight=float(c.editor.mom2_update_weight), solve_dtype=solve)
     s = c.stage1

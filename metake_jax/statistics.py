@@ -34,11 +34,14 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 2000, c
     return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+NOISE = 1e-6  # |difference| below this (metric units) is float round-off, never a finding
+
+
 def verdict(lo: float, hi: float) -> str:
     """"no difference" when the interval contains 0 (docs/FORMULAS.md §11), else "better (+)" / "worse (−)".
 
     For metrics where higher is better (every benchmark metric here).
     """
-    if lo <= 0.0 <= hi:
+    if lo <= 0.0 <= hi or max(abs(lo), abs(hi)) <= NOISE:  # contains 0, or float round-off only
         return "no difference"
     return "better (+)" if lo > 0 else "worse (−)"

@@ -268,9 +268,9 @@ def select(cases: list[Case], n: int | None = None, seed: int | None = None) -> 
     if n is None:
         return list(cases)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+        raise RequestError(f"config.data.n must be a non-negative int, got {n!r}")
     if n > len(cases):
-        raise ValueError(f"asked for {n} cases but only {len(cases)} are available")
+        raise RequestError(f"config.data.n={n}: asked for {n} cases but only {len(cases)} are available")
     if seed is None:
         return list(cases[:n])
     idx = np.sort(np.random.default_rng(seed).choice(len(cases), size=n, replace=False))
