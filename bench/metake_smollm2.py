@@ -3,8 +3,9 @@
     python bench/metake_smollm2.py grid  --n 20 --etas 0.05,0.2,0.5,1,2
     python bench/metake_smollm2.py table --n 100 --batch 20 --eta 0.5 \
         --methods alphaedit,metake,metake_keyonly,metake_stopgrad,metake_ungated
-    python bench/metake_smollm2.py grid  --n 200 --etas 0.5 --anchors 0.1,0.3,1,3 --T 15 \
-        --anchor_mode relative --out runs/anchor_sweep.json     # per-case metrics saved for intervals
+    python bench/metake_smollm2.py grid  --n 50 --etas 0.003 --anchors 1,100,10,0.1 --T 15 --prompts bare \
+        --out runs/anchor_sweep_n50.json     # per-case metrics saved for intervals
+    python bench/metake_smollm2.py intervals --out runs/anchor_sweep_n50.json   # paired 95 % intervals vs AlphaEdit
     python bench/metake_smollm2.py table --n 100 --methods unedited   # the pre-edit reference row
 
 Data: the first n cases of ../shared/data/counterfact_easyedit/counterfact-edit.json when present,
@@ -171,9 +172,38 @@ def table(a) -> None:
         Path(a.out).write_text(json.dumps(out, indent=1))
 
 
+def intervals(a) -> None:
+    """Markdown table of a ``grid`` JSON: each row's Eff / Gen / Spe and magnitudes with the paired
+    bootstrap 95 % interval of the per-case difference to AlphaEdit (docs/FORMULAS.md §11)."""
+    from metake_jax.statistics import paired_bootstrap, verdict
+
+    out = json.loads(Path(a.out).read_text())
+    base = out["alphaedit"]["per_case"]
+    cols = [("Eff", "rewrite_success", 100), ("Gen", "paraphrase_success", 100), ("Spe", "neighborhood_success", 100),
+            ("Eff mag", "rewrite_magnitude", 100), ("Gen mag", "paraphrase_magnitude", 100),
+            ("Spe mag", "neighborhood_magnitude", 100)]
+    print("| row | ℓ_meta drop | median move | " + " | ".join(c[0] for c in cols) + " |")
+    print("|---|---:|---:|" + "---|" * len(cols))
+    for key, row in out.items():
+        if not isinstance(row, dict) or "per_case" not in row:
+            continue
+        cells = []
+        for _, field, unit in cols:
+            x = np.asarray(row["per_case"][field], np.float64) * unit
+            y = np.asarray(base[field], np.float64) * unit
+            if key == "alphaedit" or key == "pre":
+                cells.append(f"{x.mean():.2f}")
+                continue
+            d, lo, hi = paired_bootstrap(x, y, n_resamples=2000)
+            cells.append(f"{x.mean():.2f} (Δ {d:+.2f} [{lo:+.2f}, {hi:+.2f}], {verdict(lo, hi)})")
+        drop = f"{100 * row['meta_loss_drop']:.1f} %" if "meta_loss_drop" in row else ""
+        move = f"{row['move_rel_median']:.3f}" if "move_rel_median" in row else ""
+        print(f"| {key} | {drop} | {move} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["grid", "table"])
+    ap.add_argument("mode", choices=["grid", "table", "intervals"])
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--T", type=int, default=15)
@@ -188,7 +218,7 @@ def main() -> None:
     ap.add_argument("--methods", default="alphaedit,metake,metake_keyonly,metake_stopgrad,metake_ungated")
     ap.add_argument("--out", default="/tmp/metake_smollm2.json")
     a = ap.parse_args()
-    (grid if a.mode == "grid" else table)(a)
+    {"grid": grid, "table": table, "intervals": intervals}[a.mode](a)
 
 
 if __name__ == "__main__":
