@@ -218,9 +218,10 @@ def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: Meta
         Z, per, g = carry
         gsq = jnp.sum(jnp.square(g), axis=0) * scale * valid  # s_i ‖g_i‖²
         tau = valid.astype(per.dtype)
-        pn, gn = loss_and_grad(trial(Z, tau, g))
+        Zt = trial(Z, tau, g)
+        pn, gn = loss_and_grad(Zt)
         if mcfg.line_search == "none":
-            return (trial(Z, tau, g), pn, gn), (pn, eta0 * tau, jnp.asarray(1))
+            return (Zt, pn, gn), (pn, eta0 * tau, jnp.asarray(1))
 
         def failing(tau, pn):
             if per_request:  # a request at τ_i = 0 fails if the others' moves raised its ℓ_i
