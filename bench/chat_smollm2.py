@@ -37,7 +37,7 @@ from metake_jax.requests import EditRequest, target_text  # noqa: E402
 from metake_jax.stats import CorpusSpec, layer_stats  # noqa: E402
 from metake_jax.targets import StageIConfig  # noqa: E402
 from metake_jax.tokens import chat_format  # noqa: E402
-from metake_jax.write import EditorConfig  # noqa: E402
+from metake_jax.editors.alphaedit import AlphaEdit  # noqa: E402
 from models.embedded import load_smollm2  # noqa: E402
 from metake_jax.templates import context_templates  # noqa: E402
 from models.generate import generate  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
                      model_id="smollm2-135m-instruct")
     P, _ = projectors_for_layers(C0, threshold=2e-2)
     ecfg = EditConfig(layers=layers, stage1=StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"]),
-                      editor=EditorConfig(method="alphaedit", l2=10.0))
+                      editor=AlphaEdit(l2=10.0))
     plain = PROMPT.replace("{}", SUBJECT)
     chat_prefix = chat.wrap(plain)
     real = (batch_mod.prompt_text, batch_mod.join_target)

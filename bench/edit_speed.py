@@ -146,7 +146,7 @@ def main(argv):
     for method in FLAGS.methods:
         c.method = method
         ecfg = edit_config(c)
-        state = init_state(params, cfg, layers, P=P, C0=C0 if ecfg.editor.method == "memit" else None)
+        state = init_state(params, cfg, layers, P=P, C0=C0 if "C0" in ecfg.editor.needs else None)
         for b in range(FLAGS.n_batches):
             cases = fake_cases(FLAGS.batch_size, b * FLAGS.batch_size, cfg.vocab_size, rng)
             state, rep = edit_batch(cfg, state, tok, [x.request for x in cases], templates, ecfg)

@@ -38,7 +38,7 @@ from metake_jax.evaluate.counterfact import evaluate_counterfact
 from metake_jax.experiment import prepare
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import optimize_targets
-from metake_jax.write import EditorConfig
+from metake_jax.editors.alphaedit import AlphaEdit
 
 CF = ROOT.parent / "shared" / "data" / "counterfact_easyedit" / "counterfact-edit.json"
 
@@ -150,7 +150,7 @@ def table(a) -> None:
             continue
         ec = s.edit_config
         if method == "alphaedit":
-            ec = dataclasses.replace(ec, metake=None, editor=EditorConfig(method="alphaedit", l2=ec.editor.l2))
+            ec = dataclasses.replace(ec, metake=None, editor=AlphaEdit(l2=ec.editor.l2))
         else:
             ec = dataclasses.replace(ec, metake=MetaKEConfig(steps=a.T, lr=a.eta, prompts=a.prompts,
                                                              anchor_weight=a.anchor, anchor=a.anchor_mode,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metake_jax import editors as E
+from metake_jax.editors import alphaedit as AE, memit as ME
 from metake_jax import stats as S
 from metake_jax.projector import nullspace_projector, projectors_for_layers
 from models.random_model import random_config, random_params
@@ -165,9 +165,9 @@ def _solves(cfg, C0, P, n_req, rng, skip, lines) -> None:
     Cp = K @ K.T
     todo = []
     if "alphaedit" not in skip:
-        todo.append(("alphaedit_increment float32", lambda: E.alphaedit_increment(K, R, P, Cp, 10.0)))
+        todo.append(("alphaedit_increment float32", lambda: AE.alphaedit_increment(K, R, P, Cp, 10.0)))
     if "memit" not in skip:
-        todo.append(("memit_increment float64", lambda: E.memit_increment(K, R, C0 + 1e-3 * jnp.eye(d_k), 15000.0)))
+        todo.append(("memit_increment float64", lambda: ME.memit_increment(K, R, C0 + 1e-3 * jnp.eye(d_k), 15000.0)))
     for name, fn in todo:
         jax.block_until_ready(fn())
         t0 = time.perf_counter()

@@ -13,16 +13,26 @@ from pathlib import Path
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from metake_jax import editors
+from metake_jax.methods import methods
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # benchmark data lives beside the repo, never inside it
 
-METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
-           "metake_stopgrad", "metake_ungated")
+METHODS = methods()  # every editor of the registry, metake_<gated editor>, metake and its ablations
 
 
 def data_path(relative: str) -> str:
     """``<repo>/../shared/data/<relative>`` (the file may be absent; the runner then says so)."""
     return str(SHARED_DATA / relative)
+
+
+def editor_sections() -> ConfigDict:
+    """``editor.<name>`` for every registered editor, from the editor classes' defaults (one source)."""
+    c = ConfigDict()
+    for name, fields in editors.default_config().items():
+        c[name] = ConfigDict({k: placeholder(tuple) if k == "layers" and v is None else v for k, v in fields.items()})
+    return c
 
 
 def get_config() -> ConfigDict:
@@ -60,12 +70,13 @@ def get_config() -> ConfigDict:
     c.stage1.early_stop = 5e-2  # stop a request's optimization once its NLL < this
     c.stage1.row_groups = 4  # rows run in 4 length-sorted groups at their own widths (same numbers, less padding)
 
-    # Downstream editor (docs/FORMULAS.md §4; §R5)
-    c.editor = ConfigDict()
-    c.editor.l2 = 10.0  # AlphaEdit L2 (λ of (P(KKᵀ+C_p) + λI))
-    c.editor.mom2_update_weight = 15000.0  # MEMIT λ_C
-    c.editor.solve_dtype = placeholder(str)  # float32 | float64; unset: float64 for MEMIT, float32 for AlphaEdit (reference)
-    c.editor.nullspace_threshold = 2e-2  # absolute eigenvalue threshold on C0 = E[kkᵀ]
+    # Downstream editors (docs/FORMULAS.md §4; §R5): one section per registered editor, editor.<name>.<field>,
+    # with the editor's defaults (metake_jax/editors/<name>.py documents each field), e.g.
+    #   editor.alphaedit.l2 = 10 (λ of P(KKᵀ+C_p) + λI); editor.memit.mom2_update_weight = 15000 (λ_C);
+    #   editor.<name>.solve_dtype (float64 for MEMIT, float32 for AlphaEdit, as the references);
+    #   editor.<name>.layers: that editor's own edited layers (unset: the run's `layers`).
+    c.editor = editor_sections()
+    c.editor.nullspace_threshold = 2e-2  # projector P: absolute eigenvalue threshold on C0 = E[kkᵀ]
     c.editor.energy = placeholder(float)  # optional: keep the null space holding this energy fraction instead
 
     # MetaKE refinement (docs/FORMULAS.md §6); used by the metake* methods
@@ -139,9 +150,9 @@ def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max
     c.stage1.clamp_norm_factor = 0.75
     c.stage1.kl_factor = 0.0625
     c.stage1.weight_decay = 0.5  # v_weight_decay
-    c.editor.l2 = 10.0  # AlphaEdit L2
+    c.editor.alphaedit.l2 = 10.0  # AlphaEdit L2
     c.editor.nullspace_threshold = 2e-2
-    c.editor.mom2_update_weight = mom2_update_weight  # MEMIT λ_C
+    c.editor.memit.mom2_update_weight = mom2_update_weight  # MEMIT λ_C
     c.stats.kind = "datasets"  # wikipedia 20200501.en, 100k docs, seed 1 (docs/FORMULAS.md §R3)
     c.stats.n_samples = 100000
     c.stats.max_len = max_len  # n_positions / max_position_embeddings

@@ -13,7 +13,7 @@ def get_config():
     c.batch_size = 4
     c.stage1.steps = 4
     c.stage1.weight_decay = 0.0
-    c.editor.l2 = 1.0
+    c.editor.alphaedit.l2 = 1.0
     c.editor.nullspace_threshold = 1e-3
     c.metake.steps = 2
     c.stats.kind = "model"

@@ -26,12 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metake_jax import editors
+from metake_jax.editors import Editor, LayerStats
 from metake_jax.batch import EditBatch, prepare_batch
 from metake_jax.editor import EditConfig, EditState, compute_targets, look_rows, write_targets
 from metake_jax.keys import keys_and_hidden
 from metake_jax.tokens import encode, pad_id, pad_right
-from metake_jax.write import EditorConfig, LayerStats
 from models.config import ModelConfig
 from models.interface import forward
 
@@ -50,18 +49,19 @@ _keys_and_hidden = jax.jit(keys_and_hidden, static_argnames=("cfg", "layers"))
 # ============================================================================ association / realized γ (§5)
 
 
-def solve_scope(ecfg: EditorConfig) -> contextlib.AbstractContextManager:
+def solve_scope(editor: Editor) -> contextlib.AbstractContextManager:
     """64-bit mode around traced editor calls when the editor solves in float64 (MEMIT)."""
-    return jax.enable_x64(True) if jnp.dtype(ecfg.solve_dtype) == jnp.float64 else contextlib.nullcontext()
+    return editor.scope()
 
 
-def association_beta(K: Array, stats: LayerStats, ecfg: EditorConfig, slot: int = -1) -> np.ndarray:
+def association_beta(K: Array, stats: LayerStats, editor: Editor, slot: int = -1) -> np.ndarray:
     """Association ``β_i`` of each request at edited-layer slot ``slot`` (docs/FORMULAS.md §5, §10).
 
-    AlphaEdit: ``β_i = k_iᵀ P A⁻¹ k_i`` with ``A = C_p P + λ I`` (the slot's P, C_p, λ = ``ecfg.l2``);
-    MEMIT: ``β_i = k_iᵀ (λ_C C_0)⁻¹ k_i`` (plus C_p inside the inverse when ``memit_use_cache``).
-    Computed in float64 through ``editors.association`` / ``editors.memit_association`` (which give
-    ``α = β/(1+β)``) and inverted, ``β = α/(1−α)``; float64 keeps that inversion accurate.
+    AlphaEdit: ``β_i = k_iᵀ P A⁻¹ k_i`` with ``A = C_p P + λ I`` (the slot's P, C_p, λ = ``l2``);
+    MEMIT: ``β_i = k_iᵀ (λ_C C_0)⁻¹ k_i`` (plus C_p inside the inverse when ``use_cache``).
+    Computed in float64 through ``editor.association`` (which gives ``α = β/(1+β)``) and inverted,
+    ``β = α/(1−α)``; float64 keeps that inversion accurate.  Raises NotImplementedError for an editor
+    without an association statistic.
 
     K: (d_key, n_req) keys at the slot's layer (columns = requests), before the write.
     Returns a float64 numpy array (n_req,), dimensionless.  Raises ValueError on shape mismatch
@@ -69,13 +69,7 @@ def association_beta(K: Array, stats: LayerStats, ecfg: EditorConfig, slot: int 
     """
     with jax.enable_x64(True):
         Kd = jnp.asarray(K, jnp.float64)
-        if ecfg.method == "alphaedit":
-            a = editors.association(Kd, stats.P[slot], stats.Cp[slot], ecfg.l2, solve_dtype=jnp.float64)
-        else:
-            Cp = stats.Cp[slot] if ecfg.memit_use_cache else None
-            a = editors.memit_association(Kd, stats.C0[slot], ecfg.mom2_update_weight, Cp,
-                                          solve_dtype=jnp.float64)
-        a = np.asarray(a, np.float64)
+        a = np.asarray(editor.association(Kd, slot, stats), np.float64)
     with np.errstate(divide="ignore"):
         return a / (1.0 - a)
 

@@ -7,7 +7,6 @@ The state ``(params, LayerStats, n_edits)`` is a pytree carried from batch to ba
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Any, NamedTuple, Sequence
@@ -17,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from metake_jax.batch import EditBatch, prepare_batch, rows_per_request, select_rows
+from metake_jax.editors import Editor, LayerStats, NotGatedError
+from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
 from metake_jax.tokens import ChatFormat
-from metake_jax.write import (
-    EditorConfig, LayerStats, apply_deltas, check_write, multilayer_write, updated_key_cache,
-)
+from metake_jax.write import apply_deltas, check_write, multilayer_write, updated_key_cache
 from models.config import ModelConfig
 
 Array = jax.Array
@@ -31,16 +30,21 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class EditConfig:
-    """What to do with a batch: edited layers, Stage I, downstream editor, optional MetaKE."""
+    """What to do with a batch: edited layers, Stage I, downstream editor, optional MetaKE.
+
+    Raises ValueError for layers that are not a non-empty increasing tuple, and ``NotGatedError`` when
+    MetaKE is asked over an editor whose update is not Δ = R·B(K)."""
 
     layers: tuple[int, ...]
     stage1: StageIConfig = StageIConfig()
-    editor: EditorConfig = EditorConfig()
+    editor: Editor = AlphaEdit()
     metake: MetaKEConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"edited layers must be a non-empty increasing tuple, got {self.layers}")
+        if self.metake is not None and self.metake.steps > 0 and not self.editor.gated:
+            raise NotGatedError(f"MetaKE needs a gated editor (Δ = R·B(K)); {self.editor.name!r} is not")
 
 
 class EditState(NamedTuple):
@@ -82,11 +86,7 @@ class BatchReport:
         return out
 
 
-_write = jax.jit(multilayer_write, static_argnames=("cfg", "layers", "ecfg"))
-
-
-def _x64(ecfg: EditorConfig):
-    return jax.enable_x64(True) if jnp.dtype(ecfg.solve_dtype) == jnp.float64 else contextlib.nullcontext()
+_write = jax.jit(multilayer_write, static_argnames=("cfg", "layers", "editor"))
 
 
 def _timed(timings: dict[str, float], key: str, fn, *args, **kw):
@@ -114,7 +114,7 @@ def compute_targets(
     s1 = _timed(timings, "stage1", optimize_targets, cfg, state.params, batch, L, ecfg.stage1)
     Z, ref = s1.Z, None
     if ecfg.metake is not None and ecfg.metake.steps > 0:
-        with _x64(ecfg.editor):
+        with ecfg.editor.scope():
             ref = _timed(timings, "lookahead", refine_targets, cfg, state.params, batch, s1.Z,
                          ecfg.layers, state.stats, ecfg.editor, ecfg.metake, look_batch)
         Z = ref.Z
@@ -129,17 +129,48 @@ def write_targets(
 
     Raises ``EditError`` (``IllConditionedError`` for an unreliable solve), naming the layer, and
     leaves ``state`` as it was: a batch is written whole or not at all."""
-    with _x64(ecfg.editor):
-        deltas, aux = _timed(timings, "write", _write, cfg, state.params, batch, Z, ecfg.layers,
-                             state.stats, ecfg.editor)
-    check_write(aux, ecfg.layers)
-    new_params = apply_deltas(state.params, ecfg.layers, deltas)  # raises EditError, state untouched
-    Cp, finite = _timed(timings, "cache", updated_key_cache, cfg, new_params, batch, ecfg.layers, state.stats.Cp)
+    new_params, aux = _write_layers(cfg, state.params, batch, Z, ecfg.layers, state.stats, ecfg.editor, timings)
+    return _update_cache(cfg, state, new_params, batch, ecfg.layers, timings), aux
+
+
+def _write_layers(cfg: ModelConfig, params: Any, batch: EditBatch, Z: Array, layers: tuple[int, ...],
+                  stats: LayerStats, editor: Editor, timings: dict[str, float]) -> tuple[Any, Any]:
+    """The editor's write of Z into ``layers`` (checked, all or nothing): (new params, WriteAux)."""
+    with editor.scope():
+        deltas, aux = _timed(timings, "write", _write, cfg, params, batch, Z, layers, stats, editor)
+    check_write(aux, layers)
+    return apply_deltas(params, layers, deltas), aux  # raises EditError, params untouched
+
+
+def _update_cache(cfg: ModelConfig, state: EditState, new_params: Any, batch: EditBatch,
+                  layers: tuple[int, ...], timings: dict[str, float]) -> EditState:
+    """C_p += Σ K Kᵀ with the batch's keys on the edited model (docs/FORMULAS.md §4); the new state."""
+    Cp, finite = _timed(timings, "cache", updated_key_cache, cfg, new_params, batch, layers, state.stats.Cp)
     if not bool(finite):
         raise EditError("non-finite keys after the edit: batch not written")
-    stats = state.stats._replace(Cp=Cp)
     n = int(np.asarray(batch.valid).sum())
-    return EditState(params=new_params, stats=stats, n_edits=state.n_edits + n), aux
+    return EditState(params=new_params, stats=state.stats._replace(Cp=Cp), n_edits=state.n_edits + n)
+
+
+def _slot_stats(stats: LayerStats, j: int) -> LayerStats:
+    """The statistics of edited-layer slot j alone (leading axis of size 1)."""
+    pick = (lambda x: None if x is None else x[j:j + 1])  # noqa: E731
+    return LayerStats(P=pick(stats.P), C0=pick(stats.C0), Cp=stats.Cp[j:j + 1])
+
+
+def edit_per_layer(cfg: ModelConfig, state: EditState, batch: EditBatch, ecfg: EditConfig,
+                   timings: dict[str, float]) -> tuple[EditState, Any, Any]:
+    """Per-layer targets (``Editor.per_layer_targets``, AlphaEdit-BLUE; BASELINES.md §5): for each edited
+    layer l in order, Stage I at layer l on the model as edited so far in this batch, then the editor's
+    one-layer write of those targets (R_l = Z_l − H_l, undivided); then the C_p update of every layer
+    with the keys recomputed on the edited model.  Returns (new state, last Stage I result, last WriteAux).
+    Raises EditError as ``write_targets``; ``state`` is unchanged then."""
+    params, s1, aux = state.params, None, None
+    for j, layer in enumerate(ecfg.layers):
+        s1 = _timed(timings, "stage1", optimize_targets, cfg, params, batch, layer, ecfg.stage1)
+        params, aux = _write_layers(cfg, params, batch, s1.Z, (layer,), _slot_stats(state.stats, j),
+                                    ecfg.editor, timings)
+    return _update_cache(cfg, state, params, batch, ecfg.layers, timings), s1, aux
 
 
 def edit_batch(
@@ -157,11 +188,15 @@ def edit_batch(
 
     ``chat``: a ``tokens.ChatFormat`` (rewriting prompts wrapped in the chat template).  Raises
     ``RequestError`` (bad request, row longer than ``cfg.max_positions``) before any compute and
-    ``EditError`` when the write is refused; either way ``state`` is unchanged."""
-    if ecfg.editor.method == "alphaedit" and state.stats.P is None:
-        raise EditError("AlphaEdit needs null-space projectors P: compute layer statistics first")
-    if ecfg.editor.method == "memit" and state.stats.C0 is None:
-        raise EditError("MEMIT needs layer statistics C0: compute layer statistics first")
+    ``EditError`` when the write is refused; either way ``state`` is unchanged.
+
+    An editor with ``one_at_a_time`` (ROME) writes the requests one by one, each on the model edited
+    by the ones before it (its reference's semantics); the batch is still all or nothing."""
+    for need in sorted(ecfg.editor.needs):
+        if getattr(state.stats, need) is None:
+            raise EditError(f"editor {ecfg.editor.name!r} needs layer statistics {need}: compute them first")
+    if ecfg.editor.one_at_a_time and len(requests) > 1:
+        return _edit_one_at_a_time(cfg, state, tokenizer, requests, templates, ecfg, chat)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad, chat=chat,
@@ -169,8 +204,12 @@ def edit_batch(
     batch = EditBatch(*[jnp.asarray(x) for x in host_batch])
     lb = look_rows(host_batch, ecfg.metake) if ecfg.metake is not None else None
     timings["prepare"] = time.perf_counter() - t0
-    Z, s1, ref = compute_targets(cfg, state, batch, ecfg, timings, lb)
-    new_state, aux = write_targets(cfg, state, batch, Z, ecfg, timings)
+    if ecfg.editor.per_layer_targets:
+        new_state, s1, aux = edit_per_layer(cfg, state, batch, ecfg, timings)
+        ref = None
+    else:
+        Z, s1, ref = compute_targets(cfg, state, batch, ecfg, timings, lb)
+        new_state, aux = write_targets(cfg, state, batch, Z, ecfg, timings)
     timings["total"] = time.perf_counter() - t0
     report = BatchReport(
         case_ids=[getattr(r, "case_id", None) for r in requests],
@@ -179,3 +218,31 @@ def edit_batch(
         residual_norm=np.asarray(aux.residual_norm)[:, :n], timings=timings,
     )
     return new_state, report
+
+
+def _edit_one_at_a_time(cfg: ModelConfig, state: EditState, tokenizer: Any, requests: Sequence[Any],
+                        templates: Sequence[Sequence[str]], ecfg: EditConfig,
+                        chat: ChatFormat | None) -> tuple[EditState, BatchReport]:
+    """``edit_batch`` of each request in turn (n_pad = 1, one compiled shape); reports concatenated."""
+    reports = []
+    for r in requests:
+        state, rep = edit_batch(cfg, state, tokenizer, [r], templates, ecfg, n_pad=1, chat=chat)
+        reports.append(rep)
+    cat = lambda xs, axis=-1: np.concatenate(xs, axis=axis)  # noqa: E731
+    timings: dict[str, float] = {}
+    for rep in reports:
+        for k, v in rep.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return state, BatchReport(
+        case_ids=[c for rep in reports for c in rep.case_ids],
+        stage1_losses=cat([_pad_steps(rep.stage1_losses, max(x.stage1_losses.shape[0] for x in reports))
+                           for rep in reports]),
+        stage1_steps=cat([rep.stage1_steps for rep in reports], 0),
+        meta_losses=None if reports[0].meta_losses is None else cat([rep.meta_losses for rep in reports]),
+        residual_norm=cat([rep.residual_norm for rep in reports]), timings=timings,
+    )
+
+
+def _pad_steps(x: np.ndarray, steps: int) -> np.ndarray:
+    """Stage I loss curves (steps_i, n) padded to ``steps`` rows with their last value."""
+    return np.concatenate([x, np.repeat(x[-1:], steps - x.shape[0], axis=0)], axis=0) if x.shape[0] < steps else x

@@ -15,7 +15,7 @@ from metake_jax import runner
 from metake_jax.editor import EditConfig, EditState, init_state
 from metake_jax.projector import projectors_for_layers
 from metake_jax.requests import Case
-from metake_jax.write import LayerStats
+from metake_jax.editors import LayerStats
 from models.config import ModelConfig
 
 

@@ -24,7 +24,8 @@ from metake_jax.batch import EditBatch
 from metake_jax.keys import keys_and_hidden
 from metake_jax.metake import MetaKEConfig, anchor_scale, anchor_term, meta_loss, prepare_lookahead, virtual_losses
 from metake_jax.targets import edit_and_loc_losses, gather_positions, lower_hidden
-from metake_jax.write import EditorConfig, LayerStats, multilayer_write
+from metake_jax.editors import Editor, LayerStats
+from metake_jax.write import multilayer_write
 from models.config import ModelConfig
 from models.interface import WDeltas, forward, head
 
@@ -55,36 +56,36 @@ def _post_edit_logits(cfg, params, batch, layers, h_in, deltas):
 
 def exact_task_losses(
     cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...], stats: LayerStats,
-    ecfg: EditorConfig, ectx: ExactContext, Z: Array, stop_grad_layers: Array | None = None,
+    editor: Editor, ectx: ExactContext, Z: Array, stop_grad_layers: Array | None = None,
     mcfg: MetaKEConfig = MetaKEConfig(),
 ) -> Array:
     """Per-request task loss edit_w·ℓ_edit + loc_w·ℓ_loc after the full multi-layer write of Z."""
-    deltas, _ = multilayer_write(cfg, params, batch, Z, layers, stats, ecfg,
+    deltas, _ = multilayer_write(cfg, params, batch, Z, layers, stats, editor,
                                  stop_grad_layers=stop_grad_layers)
     logits_t, logits_k = _post_edit_logits(cfg, params, batch, layers, ectx.h_in, deltas)
     edit, loc = edit_and_loc_losses(logits_t, logits_k, batch, ectx.logp_init)
     return mcfg.edit_weight * edit + mcfg.loc_weight * loc
 
 
-def exact_F(cfg, params, batch, layers, stats, ecfg, ectx, Z, Z0, mcfg=MetaKEConfig()) -> Array:
+def exact_F(cfg, params, batch, layers, stats, editor, ectx, Z, Z0, mcfg=MetaKEConfig()) -> Array:
     """Per-request F(Z) (task loss after the full write + a · anchor, docs/FORMULAS.md §6–§7)."""
-    task = exact_task_losses(cfg, params, batch, layers, stats, ecfg, ectx, Z, mcfg=mcfg)
+    task = exact_task_losses(cfg, params, batch, layers, stats, editor, ectx, Z, mcfg=mcfg)
     scale = anchor_scale(Z0, ectx.H_L, batch.valid, mcfg)
     return task + mcfg.anchor_weight * anchor_term(Z, Z0, scale)
 
 
-@partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
-def exact_hypergradient(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg=MetaKEConfig()) -> Array:
+@partial(jax.jit, static_argnames=("cfg", "layers", "editor", "mcfg"))
+def exact_hypergradient(cfg, params, batch, Z, Z0, layers, stats, editor, mcfg=MetaKEConfig()) -> Array:
     """∇_Z Σ_i F_i(Z) through the whole multi-layer procedure (d, n_pad)."""
     ectx = prepare_exact(cfg, params, batch, layers)
-    f = lambda z: jnp.sum(exact_F(cfg, params, batch, layers, stats, ecfg, ectx, z, Z0, mcfg) * batch.valid)  # noqa: E731
+    f = lambda z: jnp.sum(exact_F(cfg, params, batch, layers, stats, editor, ectx, z, Z0, mcfg) * batch.valid)  # noqa: E731
     return jax.grad(f)(Z)
 
 
-@partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
-def proxy_hypergradient(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg=MetaKEConfig()) -> Array:
+@partial(jax.jit, static_argnames=("cfg", "layers", "editor", "mcfg"))
+def proxy_hypergradient(cfg, params, batch, Z, Z0, layers, stats, editor, mcfg=MetaKEConfig()) -> Array:
     """∇_Z ℓ_meta on the virtual single-layer model with the frozen gate (Structural Gradient Proxy)."""
-    ctx = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, mcfg)
+    ctx = prepare_lookahead(cfg, params, batch, layers, stats, editor, mcfg)
     f = lambda z: meta_loss(cfg, params, batch, layers[-1], ctx, z, Z0, mcfg)[0]  # noqa: E731
     return jax.grad(f)(Z)
 
@@ -105,22 +106,22 @@ class Diagnostics(NamedTuple):
 GRADIENTS = ("exact", "proxy", "keyonly", "none")
 
 
-_STATIC = ("cfg", "layers", "ecfg", "mcfg")
+_STATIC = ("cfg", "layers", "editor", "mcfg")
 
 
 @partial(jax.jit, static_argnames=_STATIC)
-def _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, sg):
+def _exact_task_grad(cfg, params, batch, Z, layers, stats, editor, mcfg, sg):
     """∇_Z of the summed task loss after the full write; ``sg`` (m,) stops chosen layers' paths."""
     ectx = prepare_exact(cfg, params, batch, layers)
-    f = lambda z: jnp.sum(exact_task_losses(cfg, params, batch, layers, stats, ecfg, ectx, z, sg, mcfg)  # noqa: E731
+    f = lambda z: jnp.sum(exact_task_losses(cfg, params, batch, layers, stats, editor, ectx, z, sg, mcfg)  # noqa: E731
                           * batch.valid)
     return jax.grad(f)(Z)
 
 
 @partial(jax.jit, static_argnames=_STATIC)
-def _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg):
+def _proxy_task_grad(cfg, params, batch, Z, layers, stats, editor, mcfg):
     """∇_Z of the summed task loss on the virtual model (downstream-mediated proxy, anchor excluded)."""
-    ctx = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, mcfg)
+    ctx = prepare_lookahead(cfg, params, batch, layers, stats, editor, mcfg)
 
     def f(z):
         e, l = virtual_losses(cfg, params, batch, layers[-1], ctx, z, mcfg)
@@ -130,9 +131,9 @@ def _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg):
 
 
 @partial(jax.jit, static_argnames=_STATIC)
-def _F_per(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg):
+def _F_per(cfg, params, batch, Z, Z0, layers, stats, editor, mcfg):
     ectx = prepare_exact(cfg, params, batch, layers)
-    return exact_F(cfg, params, batch, layers, stats, ecfg, ectx, Z, Z0, mcfg)
+    return exact_F(cfg, params, batch, layers, stats, editor, ectx, Z, Z0, mcfg)
 
 
 @partial(jax.jit, static_argnames=("cfg", "layers", "mcfg"))
@@ -150,7 +151,7 @@ def _cos(a: Array, b: Array) -> Array:
 
 def diagnostics(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z: Array, Z0: Array, layers: tuple[int, ...],
-    stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig, eta: float,
+    stats: LayerStats, editor: Editor, mcfg: MetaKEConfig, eta: float,
 ) -> Diagnostics:
     """All §7 diagnostics at Z (usually the Stage I output, with Z0 = Z); shapes as ``Diagnostics``.
 
@@ -165,23 +166,23 @@ def diagnostics(
     valid = batch.valid
     scale = _anchor_unit(cfg, params, batch, Z0, layers, mcfg)
     g_anchor = 2.0 * mcfg.anchor_weight * (Z - Z0) / scale * valid
-    g_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, jnp.zeros((m,)))
+    g_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, editor, mcfg, jnp.zeros((m,)))
     sg = jnp.concatenate([jnp.ones((m - 1,)), jnp.zeros((1,))])
-    g_final_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg, sg)
+    g_final_task = _exact_task_grad(cfg, params, batch, Z, layers, stats, editor, mcfg, sg)
     g_exact = g_task + g_anchor
     g_final = g_final_task + g_anchor
     g_nonfinal = g_task - g_final_task
-    g_proxy_med = _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, mcfg)
+    g_proxy_med = _proxy_task_grad(cfg, params, batch, Z, layers, stats, editor, mcfg)
     g_proxy = g_proxy_med + g_anchor
     key_cfg = dataclasses.replace(mcfg, gate="keyonly")
-    g_key = _proxy_task_grad(cfg, params, batch, Z, layers, stats, ecfg, key_cfg) + g_anchor
+    g_key = _proxy_task_grad(cfg, params, batch, Z, layers, stats, editor, key_cfg) + g_anchor
 
     nrm = lambda x: jnp.linalg.norm(x, axis=0)  # noqa: E731
-    F0 = _F_per(cfg, params, batch, Z, Z0, layers, stats, ecfg, mcfg)
+    F0 = _F_per(cfg, params, batch, Z, Z0, layers, stats, editor, mcfg)
     length = eta * scale * nrm(g_proxy)  # (n_pad,) the proxy step's length
 
     def reduction(step: Array) -> Array:
-        F1 = _F_per(cfg, params, batch, Z - step * valid, Z0, layers, stats, ecfg, mcfg)
+        F1 = _F_per(cfg, params, batch, Z - step * valid, Z0, layers, stats, editor, mcfg)
         return (F0 - F1) / jnp.maximum(jnp.abs(F0), 1e-30) * 1e4
 
     red, red_eq = [], []

@@ -27,10 +27,16 @@ def keys_and_hidden(
     batch: EditBatch,
     layers: tuple[int, ...],
     deltas: Array | None = None,
-) -> tuple[Array, Array]:
-    """Returns (K: (m, d_k, n_pad) template-averaged keys, H_L: (d, n_pad)).
+    *,
+    weights: Array | None = None,
+    bare: bool = False,
+) -> tuple[Array, ...]:
+    """Returns (K: (m, d_k, n_pad) template-averaged keys, H_L: (d, n_pad)), and with ``bare=True`` also
+    K_bare (m, d_k, n_pad): the keys of the bare prompt alone (ROME's k*).
 
     ``deltas`` (m, d_k, d): current fc_out increments of ``layers`` (multi-layer write, §4 B.2).
+    ``weights`` (n_pad, R): the key averaging over each request's rows (default ``batch.key_avg``,
+    MEMIT's grouped ½/½; ROME uses the uniform ``batch.nll_avg``).
     """
     L = layers[-1]
     w = WDeltas(layers, deltas) if deltas is not None else None
@@ -39,7 +45,11 @@ def keys_and_hidden(
         tap_positions=batch.lookup[:, None], stop_layer=L + 1,
     )
     rows_k = f32(out.keys[:, :, 0, :])  # (m, R, d_k)
-    K = jnp.einsum("nr,mrk->mkn", batch.key_avg, rows_k) * batch.valid
+    avg = batch.key_avg if weights is None else weights
+    K = jnp.einsum("nr,mrk->mkn", avg, rows_k) * batch.valid
     H = f32(out.hidden[-1, :, 0, :])[batch.bare_row].T * batch.valid  # (d, n_pad)
     chex.assert_shape(K, (len(layers), cfg.d_ff, batch.valid.shape[0]))
-    return K, H
+    if not bare:
+        return K, H
+    K_bare = jnp.transpose(rows_k[:, batch.bare_row, :], (0, 2, 1)) * batch.valid
+    return K, H, K_bare

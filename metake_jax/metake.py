@@ -1,9 +1,10 @@
 """MetaKE: bi-level refinement of the targets through the Structural Gradient Proxy (docs/FORMULAS.md §6).
 
-Per batch, the gate ``G`` of the final edited layer ``L`` is computed once and frozen; the
-look-ahead only ever needs it as ``B = K_Lᵀ G`` (n_req × d_key), so that product is formed once and
-the virtual increment ``Δ_L(Z) = (Z − H_L) B`` (eq. 8) costs one (d_model × n_req)·(n_req × d_key)
-product per step.  The virtual model (that weight at every position) is scored with
+Per batch, the gate ``B`` (n_req × d_key) of the final edited layer ``L`` — the editor's update is
+``Δ = R·B(K)`` (``Editor.gate``; for AlphaEdit ``B = K_Lᵀ G`` with the structural gate
+``G = P((K Kᵀ + C_p)P + λI)⁻¹``) — is computed once and frozen, so the virtual increment
+``Δ_L(Z) = (Z − H_L) B`` (eq. 8) costs one (d_model × n_req)·(n_req × d_key) product per step.
+MetaKE applies to every gated editor (``metake_jax.methods``).  The virtual model (that weight at every position) is scored with
 
     ℓ_meta,i(Z) = ℓ_edit,i + ℓ_loc,i + a · ‖z_i − z⁰_i‖² / s_i                 (eq. 7)
 
@@ -21,13 +22,14 @@ does.
 
 Ablations (Table 2) are switches of ``MetaKEConfig``:
 * ``steps=0``              — w/o bi-level (plain AlphaEdit / MEMIT targets);
-* ``gate="keyonly"``       — w/o structural gate: ``(K_L K_Lᵀ + λI)⁻¹`` (P_L and C_p dropped);
+* ``gate="keyonly"``       — w/o structural gate: ``B = K_Lᵀ (K_L K_Lᵀ + λI)⁻¹`` (P_L and C_p dropped;
+  λ = the editor's ``l2``);
 * ``feedback="stopgrad"``  — stop-grad feedback: the virtual forward pass runs but ``Δ_L`` is
   detached, so only the anchor's gradient is left and Z⁽ᵀ⁾ = Z⁽⁰⁾ (the paper's stop-grad ≈ T = 0);
 * ``feedback="ungated"``   — ungated feedback: ``Δ_L`` detached, and the task gradient reaches Z
   straight through the subject-position representation (Z enters as ``Z − sg(Z)`` added at the
   subject's last token of layer L), i.e. the task signal without the gate.
-``EditorConfig.method="memit"`` uses the MEMIT gate ``(λC₀ + KKᵀ)⁻¹`` (MetaKE over MEMIT).
+Over MEMIT (``method=metake_memit``) the gate is ``K_Lᵀ (λ_C C₀ + K Kᵀ)⁻¹``.
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from metake_jax import editors
 from metake_jax.batch import EditBatch
-from metake_jax.keys import keys_and_hidden
+from metake_jax.editors import Editor, LayerStats
+from metake_jax.editors.linalg import keyonly_gate, mm
 from metake_jax.targets import edit_and_loc_losses, lower_hidden, rows_of, upper_logits
-from metake_jax.write import EditorConfig, LayerStats, gate as editor_gate
+from metake_jax.write import editor_keys
 from models.config import ModelConfig
 from models.interface import WDeltas
 
@@ -95,38 +97,43 @@ class MetaKEConfig:
 class LookaheadContext(NamedTuple):
     """Everything the virtual look-ahead needs, frozen for the batch."""
 
-    B: Array  # (n_pad, d_k) K_Lᵀ G: the gate of layer L as it acts on this batch's keys
+    B: Array  # (n_pad, d_k) the gate of layer L: Δ_L = R·B
     H_L: Array  # (d, n_pad) block-L output at the subject's last token (bare prompt)
     h_in: Array  # (R, T, d) hidden states entering L
     logp_init: Array  # (R, V) pre-edit log-probs at each row's subject-last token
 
 
-def frozen_gate(K_L: Array, stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig) -> Array:
-    """G (d_k, d_k) of the final edited layer (slot m-1), or the key-only ablation gate."""
+def frozen_gate(K_L: Array, stats: LayerStats, editor: Editor, mcfg: MetaKEConfig,
+                K_bare: Array | None = None) -> Array:
+    """The gate B (n_pad, d_k) of the final edited layer (slot m-1): ``editor.gate``, or the key-only
+    ablation ``K_Lᵀ (K_L K_Lᵀ + λI)⁻¹`` (λ = the editor's ``l2``).  Raises ``NotGatedError`` for an
+    editor whose update is not Δ = R·B(K)."""
     if mcfg.gate == "keyonly":
-        return editors.keyonly_gate(K_L, ecfg.l2)
-    return editor_gate(K_L, stats.Cp.shape[0] - 1, stats, ecfg)
+        if not hasattr(editor, "l2"):
+            raise ValueError(f"metake.gate=keyonly needs an editor with an l2 ridge; {editor.name!r} has none")
+        return mm(K_L.T, keyonly_gate(K_L, editor.l2))
+    return editor.gate(K_L, stats.Cp.shape[0] - 1, stats, K_bare)
 
 
 def lookahead_increment(ctx: LookaheadContext, Z: Array, valid: Array) -> Array:
-    """Virtual look-ahead Δ_L(Z)ᵀ = ((Z − H_L) K_Lᵀ G)ᵀ = ((Z − H_L) B)ᵀ, (d_k, d) kernel layout (eq. 8)."""
+    """Virtual look-ahead Δ_L(Z)ᵀ = ((Z − H_L) B)ᵀ, (d_k, d) kernel layout (eq. 8)."""
     return ((Z - ctx.H_L) * valid @ ctx.B).T
 
 
 def prepare_lookahead(
     cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...], stats: LayerStats,
-    ecfg: EditorConfig, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
+    editor: Editor, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
 ) -> LookaheadContext:
     """Gate and keys from the full ``batch``; cached hidden states for the rows that score the
     virtual model (``look_batch``, default the full batch)."""
     L = layers[-1]
     lb = batch if look_batch is None else look_batch
-    K, H = keys_and_hidden(cfg, params, batch, layers)
+    K, H, Kb = editor_keys(cfg, params, batch, layers, editor)
     h_in = lower_hidden(cfg, params, lb, L)
     _, logits_k0 = upper_logits(cfg, params, lb, h_in, L)
-    G = frozen_gate(K[-1], stats, ecfg, mcfg)
+    B = frozen_gate(K[-1], stats, editor, mcfg, None if Kb is None else Kb[-1])
     return LookaheadContext(
-        B=(K[-1].T @ G).astype(H.dtype), H_L=H, h_in=h_in, logp_init=jax.nn.log_softmax(logits_k0, axis=-1),
+        B=B.astype(H.dtype), H_L=H, h_in=h_in, logp_init=jax.nn.log_softmax(logits_k0, axis=-1),
     )
 
 
@@ -255,10 +262,10 @@ def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: Meta
     return Z, jnp.concatenate([per0[None], curve], axis=0), etas, trials
 
 
-@partial(jax.jit, static_argnames=("cfg", "layers", "ecfg", "mcfg"))
+@partial(jax.jit, static_argnames=("cfg", "layers", "editor", "mcfg"))
 def refine_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z0: Array, layers: tuple[int, ...],
-    stats: LayerStats, ecfg: EditorConfig, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
+    stats: LayerStats, editor: Editor, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
 ) -> RefineResult:
     """T outer steps on ℓ_meta with the frozen gate (Algorithm 1, docs/FORMULAS.md §6), one jitted scan.
 
@@ -268,7 +275,7 @@ def refine_targets(
     chex.assert_shape(Z0, (cfg.d_model, batch.valid.shape[0]))
     L = layers[-1]
     lb = batch if look_batch is None else look_batch
-    ctx = prepare_lookahead(cfg, params, batch, layers, stats, ecfg, mcfg, lb)
+    ctx = prepare_lookahead(cfg, params, batch, layers, stats, editor, mcfg, lb)
     scale = anchor_scale(Z0, ctx.H_L, batch.valid, mcfg)
     vg = jax.value_and_grad(lambda z: meta_loss(cfg, params, lb, L, ctx, z, Z0, mcfg, scale), has_aux=True)
 

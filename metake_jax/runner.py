@@ -37,27 +37,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metake_jax import editors
 from metake_jax.checkpoint import RunCheckpointer
 from metake_jax.editor import EditConfig, EditState, edit_batch, init_state
 from metake_jax.errors import EditError, RequestError
 from metake_jax.metake import MetaKEConfig
+from metake_jax.methods import methods, resolve
 from metake_jax.requests import Case
 from metake_jax.stats import CORPUS_KINDS, PRECISIONS
 from metake_jax.targets import StageIConfig
 from metake_jax.tokens import ChatFormat, chat_format
-from metake_jax.write import EditorConfig
 from models.config import ModelConfig
 from models.interface import w_out, with_w_out
 
 log = logging.getLogger(__name__)
 
-METHODS = ("memit", "alphaedit", "metake", "metake_memit", "metake_nobilevel", "metake_keyonly",
-           "metake_stopgrad", "metake_ungated")
-# method → MetaKEConfig fields it fixes (ablations of docs/FORMULAS.md §6)
-_METAKE_ABLATIONS: dict[str, dict[str, Any]] = {
-    "metake_nobilevel": {"steps": 0}, "metake_keyonly": {"gate": "keyonly"},
-    "metake_stopgrad": {"feedback": "stopgrad"}, "metake_ungated": {"feedback": "ungated"},
-}
+METHODS = methods()  # from the editor registry (metake_jax.methods)
 
 __all__ = [
     "METHODS", "RunError", "RunHooks", "cases_digest", "chat_of", "check_inputs", "edit_config", "load_model_spec",
@@ -92,23 +87,23 @@ def _get(c: Any, dotted: str, default: Any = None) -> Any:
 
 def edit_config(c: Any) -> EditConfig:
     """``method`` + hyper-parameters → ``EditConfig`` (the method table of the brief / docs/FORMULAS.md §4, §6)."""
-    method = c.method
-    if method not in METHODS:
-        raise RunError(f"config.method={method!r} is not one of {', '.join(METHODS)}")
+    try:
+        meth = resolve(str(c.method))
+    except ValueError as e:
+        raise RunError(str(e)) from e
     precision = _stats_precision(c)
     if precision not in PRECISIONS:  # checked before the model loads, not at the statistics pass
         raise RunError(f"config.stats.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
     kind = _get(c, "stats.kind", CORPUS_KINDS[0])
     if kind not in CORPUS_KINDS:
         raise RunError(f"config.stats.kind={kind!r} is not one of {', '.join(CORPUS_KINDS)}")
-    inner = "memit" if method in ("memit", "metake_memit") else "alphaedit"
-    solve = _get(c, "editor.solve_dtype") or ("float64" if inner == "memit" else "float32")
-    for field, value, allowed in (("dtype", str(_get(c, "dtype", "float32")), ("float32", "bfloat16")),
-                                  ("editor.solve_dtype", str(solve), ("float32", "float64"))):
-        if value not in allowed:  # checked before anything is loaded or written
-            raise RunError(f"config.{field}={value!r} is not one of {', '.join(allowed)}")
-    editor = EditorConfig(method=inner, l2=float(c.editor.l2),
-                          mom2_update_weight=float(c.editor.mom2_update_weight), solve_dtype=solve)
+    dtype = str(_get(c, "dtype", "float32"))
+    if dtype not in ("float32", "bfloat16"):  # checked before anything is loaded or written
+        raise RunError(f"config.dtype={dtype!r} is not one of float32, bfloat16")
+    try:
+        editor = editors.build(meth.editor, _get(c, f"editor.{meth.editor}", {}))
+    except (TypeError, ValueError) as e:
+        raise RunError(f"config.{e}" if str(e).startswith("editor.") else str(e)) from e
     s = c.stage1
     try:
         stage1 = StageIConfig(lr=float(s.lr), steps=int(s.steps), clamp_norm_factor=float(s.clamp_norm_factor),
@@ -118,7 +113,7 @@ def edit_config(c: Any) -> EditConfig:
     except ValueError as e:
         raise RunError(f"config.{e}") from e
     metake = None
-    if method.startswith("metake"):
+    if meth.metake is not None:
         m = c.metake
         w = _get(c, "metake.weights", {}) or {}
         fields = dict(
@@ -127,13 +122,14 @@ def edit_config(c: Any) -> EditConfig:
             max_halvings=int(_get(c, "metake.max_halvings", 8)),
             edit_weight=float(w.get("edit", 1.0)), loc_weight=float(w.get("loc", 1.0)),
             anchor_weight=float(w.get("anchor", 1.0)), prompts=str(_get(c, "metake.prompts", "all")))
-        fields.update(_METAKE_ABLATIONS.get(method, {}))
+        fields.update(meth.metake)
         try:
             metake = MetaKEConfig(**fields)
         except ValueError as e:
             raise RunError(f"config.{e}") from e
     try:
-        return EditConfig(layers=tuple(int(l) for l in c.layers), stage1=stage1, editor=editor, metake=metake)
+        layers = editor.edit_layers(tuple(int(l) for l in c.layers))
+        return EditConfig(layers=layers, stage1=stage1, editor=editor, metake=metake)
     except ValueError as e:
         raise RunError(f"config.layers: {e}") from e
 
@@ -334,6 +330,7 @@ def _fingerprint(c: Any) -> dict[str, Any]:
     fp = json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
     if not str(fp.get("method", "")).startswith("metake"):
         fp.pop("metake", None)  # MetaKE fields do not change a MEMIT / AlphaEdit run
+    fp["editor"] = _editor_fingerprint(fp.get("method"), fp.get("editor"))
     for path, default in _ADDED_LATER.items():  # at their defaults, later fields leave older checkpoints resumable
         *parents, leaf = path.split(".")
         node = fp
@@ -344,12 +341,38 @@ def _fingerprint(c: Any) -> dict[str, Any]:
     return fp
 
 
+def _editor_fingerprint(method: Any, section: Any) -> Any:
+    """The ``editor`` part of a fingerprint: the shared projector fields and the method's own editor
+    section with every hyper-parameter filled in (other editors' sections cannot change the weights).
+
+    Checkpoints written before the editor registry stored a flat section (``l2``, ``mom2_update_weight``,
+    ``solve_dtype`` with None = the editor's default): it is read as the same editor's section."""
+    if not isinstance(section, dict):
+        return section
+    try:
+        name = resolve(str(method)).editor
+    except ValueError:
+        return section
+    own = section.get(name)
+    if own is None and "l2" in section:  # the flat pre-registry section
+        own = {"l2": section.get("l2"), "mom2_update_weight": section.get("mom2_update_weight")}
+        if section.get("solve_dtype") is not None:
+            own["solve_dtype"] = section["solve_dtype"]
+    defaults = editors.default_config()[name]
+    full = {**defaults, **{k: v for k, v in dict(own or {}).items() if k in defaults and v is not None}}
+    out = {k: section[k] for k in ("nullspace_threshold", "energy") if k in section}
+    out[name] = json.loads(json.dumps(full, default=str))
+    return out
+
+
 def _resume_diff(fp: dict[str, Any], stored: dict[str, Any]) -> list[str]:
     """``_diff`` of a run's fingerprint against a checkpoint's, skipping entries it predates (and the
     MetaKE section that checkpoints of non-MetaKE runs stored before ``_fingerprint`` dropped it)."""
     stored = dict(stored)
     if not str(stored.get("method", "")).startswith("metake"):
         stored.pop("metake", None)
+    if "editor" in stored:
+        stored["editor"] = _editor_fingerprint(stored.get("method"), stored["editor"])
     return _diff({k: v for k, v in fp.items() if k in stored or k not in _RECORDED_LATER}, stored)
 
 
@@ -584,7 +607,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
     t = time.perf_counter()
     C0 = layer_statistics(c, cfg, params, tok, model_id)
     P, ranks = None, None
-    if ecfg.editor.method == "alphaedit":
+    if "P" in ecfg.editor.needs:
         from metake_jax.projector import projectors_for_layers
 
         energy = _get(c, "editor.energy")
@@ -594,7 +617,7 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
         log.info("null-space projector ranks %s of d_k=%d", ranks, cfg.d_ff)
     wall["statistics"] = time.perf_counter() - t
     log.info("templates %.1fs, statistics + projectors %.1fs", wall["templates"], wall["statistics"])
-    state = init_state(params, cfg, layers, P=P, C0=C0 if ecfg.editor.method == "memit" else None)
+    state = init_state(params, cfg, layers, P=P, C0=C0 if "C0" in ecfg.editor.needs else None)
     del C0
     run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked
     if write_templates is not None:

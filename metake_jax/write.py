@@ -3,13 +3,13 @@
 ``multilayer_write`` is a pure function of the targets ``Z``: a ``lax.scan`` over the edited
 layers whose carry is the stack of fc_out increments.  At step t it reruns the forward pass with
 the increments of layers l_1..l_{t-1} applied, reads the current keys K_{l_t} and H_L, spreads the
-remaining residual ``R = (Z - H_L) / (m - t)`` and solves the editor's closed form.  Because it
+remaining residual ``R = (Z - H_L) / (m - t)`` (``Editor.residual_divisor``) and solves the editor's
+closed form (``metake_jax.editors``).  Because it
 is differentiable end to end, the exact hypergradient (§7) is ``jax.grad`` of a loss of its
 output.
 """
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metake_jax import editors
 from metake_jax.batch import EditBatch
+from metake_jax.editors import Editor, LayerStats
+from metake_jax.editors.linalg import SolveDiagnostics, check_solve
 from metake_jax.errors import EditError
 from metake_jax.keys import keys_and_hidden
 from models.config import ModelConfig
@@ -28,71 +29,33 @@ from models.interface import w_out, with_w_out
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class EditorConfig:
-    """Downstream editor (docs/FORMULAS.md §R6): ``alphaedit`` (P, C_p, L2) or ``memit`` (λ C0)."""
+def editor_keys(cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...], editor: Editor,
+                deltas: Array | None = None) -> tuple[Array, Array, Array | None]:
+    """Keys as ``editor`` reads them: (K (m, d_k, n_pad), H_L (d, n_pad), K_bare (m, d_k, n_pad) or None).
 
-    method: str = "alphaedit"
-    l2: float = 10.0  # AlphaEdit λ (L2)
-    mom2_update_weight: float = 15000.0  # MEMIT λ_C
-    memit_use_cache: bool = False  # MEMIT_seq: add C_p to the system matrix
-    solve_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.method not in ("alphaedit", "memit"):
-            raise ValueError(f"unknown downstream editor {self.method!r} (alphaedit | memit)")
-
-
-class LayerStats(NamedTuple):
-    """Per-edited-layer matrices, stacked on a leading axis of size m (d_k × d_k each).
-
-    P:  null-space projectors (AlphaEdit), fixed from the unedited model.
-    C0: normalized second moments E[k kᵀ] (MEMIT).
-    Cp: Σ K Kᵀ of previously written batches (sequential editing).
-    """
-
-    P: Array | None
-    C0: Array | None
-    Cp: Array
-
-
-def gate(K: Array, t: Array | int, stats: LayerStats, ecfg: EditorConfig) -> Array:
-    """The d_k × d_k gate G of layer slot t: Δᵀ = G K Rᵀ (docs/FORMULAS.md §4, §6)."""
-    Cp = stats.Cp[t]
-    dt = jnp.dtype(ecfg.solve_dtype)
-    if ecfg.method == "alphaedit":
-        return editors.alphaedit_gate(K, stats.P[t], Cp, ecfg.l2, solve_dtype=dt)
-    return editors.memit_gate(K, stats.C0[t], ecfg.mom2_update_weight,
-                              Cp if ecfg.memit_use_cache else None, solve_dtype=dt)
-
-
-def layer_increment(K: Array, R: Array, t: Array | int, stats: LayerStats,
-                    ecfg: EditorConfig) -> tuple[Array, editors.SolveDiagnostics]:
-    """Kernel increment (d_k, d) of slot t from keys K (d_k, n) and residual R (d, n), with the
-    diagnostics of its solve (``editors.check_solve`` turns bad ones into an error)."""
-    dt = jnp.dtype(ecfg.solve_dtype)
-    if ecfg.method == "alphaedit":
-        return editors.alphaedit_increment(K, R, stats.P[t], stats.Cp[t], ecfg.l2, solve_dtype=dt,
-                                           return_diagnostics=True)
-    Cp = stats.Cp[t] if ecfg.memit_use_cache else None
-    return editors.memit_increment(K, R, stats.C0[t], ecfg.mom2_update_weight, Cp=Cp, solve_dtype=dt,
-                                   return_diagnostics=True)
+    ``editor.key_average``: ``grouped`` (MEMIT's ½·bare + ½·templates) or ``uniform`` (ROME's mean over
+    the rewriting rows); ``K_bare`` (the bare prompt's keys) only when ``editor.uses_bare_keys``."""
+    weights = batch.nll_avg if editor.key_average == "uniform" else None
+    if editor.uses_bare_keys:
+        return keys_and_hidden(cfg, params, batch, layers, deltas, weights=weights, bare=True)
+    K, H = keys_and_hidden(cfg, params, batch, layers, deltas, weights=weights)
+    return K, H, None
 
 
 class WriteAux(NamedTuple):
     residual_norm: Array  # (m, n_pad) ‖R_l‖ per request at each layer step
     key_norm: Array  # (m, n_pad)
-    solve: editors.SolveDiagnostics | None = None  # each field (m,): the solve of each layer step
+    solve: SolveDiagnostics | None = None  # each field (m,): the solve of each layer step
 
 
 def check_write(aux: WriteAux, layers: tuple[int, ...]) -> None:
-    """Refuse a write whose solve is unreliable at any layer (``editors.check_solve``: relative
+    """Refuse a write whose solve is unreliable at any layer (``editors.linalg.check_solve``: relative
     residual and estimated forward error): raises ``IllConditionedError`` naming the layer."""
     if aux.solve is None:
         return
-    d = editors.SolveDiagnostics(*(np.asarray(x) for x in aux.solve))
+    d = SolveDiagnostics(*(np.asarray(x) for x in aux.solve))
     for j, layer in enumerate(layers):
-        editors.check_solve(editors.SolveDiagnostics(d.rel_residual[j], d.cond_est[j], d.eps[j]), layer)
+        check_solve(SolveDiagnostics(d.rel_residual[j], d.cond_est[j], d.eps[j]), layer)
 
 
 def multilayer_write(
@@ -102,12 +65,15 @@ def multilayer_write(
     Z: Array,
     layers: tuple[int, ...],
     stats: LayerStats,
-    ecfg: EditorConfig,
+    editor: Editor,
     *,
     stop_grad_layers: Array | None = None,
 ) -> tuple[Array, WriteAux]:
     """All fc_out increments (m, d_k, d) for targets Z (d, n_pad) — docs/FORMULAS.md §4 B.2.
 
+    Step t: keys K_t and H_L on the model carrying the increments of slots < t, residual
+    ``R = (Z − H_L) / editor.residual_divisor(m, t)``, ``editor.increment`` then ``editor.project``;
+    after the scan ``editor.finalize``.
     ``stop_grad_layers`` (m,) of 0/1: where 1, the increment of that slot is computed from a
     stop-gradient copy of Z (used by the §7 diagnostics to isolate the final layer's path).
     """
@@ -115,17 +81,21 @@ def multilayer_write(
     chex.assert_shape(Z, (cfg.d_model, batch.valid.shape[0]))
     deltas0 = jnp.zeros((m, cfg.d_ff, cfg.d_model), Z.dtype)
     Zs = jax.lax.stop_gradient(Z)
+    W = w_out(params, tuple(layers))
 
     def step(deltas, t):
-        K_all, H = keys_and_hidden(cfg, params, batch, layers, deltas)
+        K_all, H, Kb_all = editor_keys(cfg, params, batch, layers, editor, deltas)
         K = K_all[t]
+        Kb = None if Kb_all is None else Kb_all[t]
         Zt = Z if stop_grad_layers is None else jnp.where(stop_grad_layers[t] > 0, Zs, Z)
-        R = (Zt - H) * batch.valid / (m - t).astype(Z.dtype)
-        inc, diag = layer_increment(K, R, t, stats, ecfg)
+        R = (Zt - H) * batch.valid / editor.residual_divisor(m, t).astype(Z.dtype)
+        inc, diag = editor.increment(K, R, t, stats, Kb)
+        inc = editor.project(inc, W[t], t)
         deltas = jax.lax.dynamic_update_index_in_dim(deltas, inc.astype(Z.dtype), t, axis=0)
         return deltas, (jnp.linalg.norm(R, axis=0), jnp.linalg.norm(K, axis=0), diag)
 
     deltas, (rn, kn, diag) = jax.lax.scan(step, deltas0, jnp.arange(m))
+    deltas = editor.finalize(deltas, W).astype(Z.dtype)
     return deltas, WriteAux(residual_norm=rn, key_norm=kn, solve=diag)
 
 

@@ -112,7 +112,8 @@ def test_realized_gamma_equals_attenuation_single_request(method):
     from metake_jax.editor import EditConfig, EditState
     from metake_jax.requests import EditRequest
     from metake_jax.runner import load_model_spec
-    from metake_jax.write import EditorConfig, LayerStats
+    from metake_jax import editors
+    from metake_jax.editors import LayerStats
 
     cfg, params, tok = load_model_spec("random:llama:tiny")
     L, dk = 2, cfg.d_ff
@@ -131,7 +132,7 @@ def test_realized_gamma_equals_attenuation_single_request(method):
     l2, lam = 0.3 * scale, 0.5 * scale
     stats = LayerStats(*[jnp.asarray(x, jnp.float32)[None] for x in (P, C0, Cp)])
     state = EditState(params=params, stats=stats, n_edits=0)
-    ecfg = EditConfig(layers=(L,), editor=EditorConfig(method=method, l2=l2, mom2_update_weight=lam))
+    ecfg = EditConfig(layers=(L,), editor=editors.build(method, {"l2": l2} if method == "alphaedit" else {"mom2_update_weight": lam}))
     Z = H + jnp.asarray(rng.normal(size=H.shape).astype(np.float32)) * batch.valid  # any planned residual
     m = analysis.measure_write(cfg, state, batch, Z, ecfg, n)
     beta = m.beta[0]

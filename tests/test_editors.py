@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metake_jax import editors as E
+from metake_jax.editors import alphaedit as AE, linalg as LA, memit as ME
 from metake_jax.errors import EditError, IllConditionedError
 
 D_K, D, N, N_NULL = 32, 12, 6, 10
@@ -63,7 +63,7 @@ def np_alphaedit(K, R, P, Cp, l2):
 def test_memit_float32_matches_numpy(setup, with_cp):
     s = setup
     Cp = s["Cp"] if with_cp else None
-    got = E.memit_increment(f32(s["K"]), f32(s["R"]), f32(s["C_well"]), 5.0,
+    got = ME.memit_increment(f32(s["K"]), f32(s["R"]), f32(s["C_well"]), 5.0,
                             None if Cp is None else f32(Cp), solve_dtype=jnp.float32)
     want = np_memit(f64(s["K"]), f64(s["R"]), f64(s["C_well"]), 5.0, None if Cp is None else f64(Cp))
     assert got.shape == (D_K, D) and got.dtype == jnp.float32
@@ -72,7 +72,7 @@ def test_memit_float32_matches_numpy(setup, with_cp):
 
 def test_memit_seq_is_memit_with_cache(setup):
     s = setup
-    a = E.memit_seq_increment(f32(s["K"]), f32(s["R"]), f32(s["C_well"]), 5.0, f32(s["Cp"]),
+    a = ME.memit_seq_increment(f32(s["K"]), f32(s["R"]), f32(s["C_well"]), 5.0, f32(s["Cp"]),
                               solve_dtype=jnp.float32)
     want = np_memit(f64(s["K"]), f64(s["R"]), f64(s["C_well"]), 5.0, f64(s["Cp"]))
     assert rel(a, want) <= 1e-5
@@ -83,7 +83,7 @@ def test_memit_float64_solve_on_ill_conditioned_system(setup):
     s = setup
     args = (f32(s["K"]), f32(s["R"]), f32(s["C0"]), 15000.0)
     want = np_memit(f64(s["K"]), f64(s["R"]), f64(s["C0"]), 15000.0)
-    got64, diag = E.memit_increment(*args, solve_dtype=jnp.float64, return_diagnostics=True)
+    got64, diag = ME.memit_increment(*args, solve_dtype=jnp.float64, return_diagnostics=True)
     assert got64.dtype == jnp.float32
     assert rel(got64, want) <= 1e-6
     assert float(diag.eps) < 1e-15  # really solved in float64
@@ -92,7 +92,7 @@ def test_memit_float64_solve_on_ill_conditioned_system(setup):
 
 def test_memit_float64_under_jit_needs_x64(setup):
     s = setup
-    fn = jax.jit(lambda K, R, C: E.memit_increment(K, R, C, 15000.0, solve_dtype=jnp.float64))
+    fn = jax.jit(lambda K, R, C: ME.memit_increment(K, R, C, 15000.0, solve_dtype=jnp.float64))
     args = (f32(s["K"]), f32(s["R"]), f32(s["C0"]))
     with pytest.raises(ValueError, match="enable_x64"):
         fn(*args)
@@ -109,7 +109,7 @@ def test_memit_float64_under_jit_needs_x64(setup):
 def test_alphaedit_matches_numpy(setup, with_cp):
     s = setup
     Cp = s["Cp"] if with_cp else None
-    got = E.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), None if Cp is None else f32(Cp), L2)
+    got = AE.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), None if Cp is None else f32(Cp), L2)
     want = np_alphaedit(f64(s["K"]), f64(s["R"]), f64(s["P"]), None if Cp is None else f64(Cp), L2)
     assert got.shape == (D_K, D)
     assert rel(got, want) <= 1e-5
@@ -120,7 +120,7 @@ def test_alphaedit_preserves_null_space_keys(setup, with_cp):
     """Δ K0 = 0 for keys K0 with P K0 = 0 (docs/FORMULAS.md §R5 identity (i))."""
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
-    inc = E.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), Cp, L2)
+    inc = AE.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), Cp, L2)
     rng = np.random.default_rng(1)
     K0 = (np.eye(D_K) - s["P"]) @ rng.normal(size=(D_K, 50))
     assert np.abs(s["P"] @ K0).max() < 1e-12
@@ -138,8 +138,8 @@ def test_realized_change_is_residual_times_interaction(setup, with_cp):
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     K, R, P = f32(s["K"]), f32(s["R"]), f32(s["P"])
-    inc = E.alphaedit_increment(K, R, P, Cp, L2)
-    M = E.interaction_matrix(K, P, Cp, L2)
+    inc = AE.alphaedit_increment(K, R, P, Cp, L2)
+    M = AE.interaction_matrix(K, P, Cp, L2)
     assert M.shape == (N, N)
     realized = np.asarray(inc, np.float64).T @ f64(s["K"])
     assert rel(realized, f64(s["R"]) @ np.asarray(M, np.float64)) <= 1e-5
@@ -156,8 +156,8 @@ def test_realized_change_is_residual_times_interaction(setup, with_cp):
 def test_memit_realized_change(setup):
     s = setup
     K, R, C = f32(s["K"]), f32(s["R"]), f32(s["C_well"])
-    inc = E.memit_increment(K, R, C, 5.0)
-    M = E.memit_interaction_matrix(K, C, 5.0)
+    inc = ME.memit_increment(K, R, C, 5.0)
+    M = ME.memit_interaction_matrix(K, C, 5.0)
     realized = np.asarray(inc, np.float64).T @ f64(s["K"])
     assert rel(realized, f64(s["R"]) @ np.asarray(M, np.float64)) <= 1e-5
 
@@ -168,13 +168,13 @@ def test_single_request_association(setup, with_cp):
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     K, P = f32(s["K"]), f32(s["P"])
-    alpha = np.asarray(E.association(K, P, Cp, L2))
+    alpha = np.asarray(AE.association(K, P, Cp, L2))
     assert alpha.shape == (N,)
     assert np.all(alpha >= 0) and np.all(alpha < 1)
     assert alpha.max() > 0.05  # not trivially zero
     for i in range(N):
         k, r = K[:, i:i + 1], f32(s["R"])[:, i:i + 1]
-        inc = E.alphaedit_increment(k, r, P, Cp, L2)
+        inc = AE.alphaedit_increment(k, r, P, Cp, L2)
         realized = np.asarray(inc, np.float64).T @ f64(k)
         assert np.linalg.norm(realized) / np.linalg.norm(f64(r)) == pytest.approx(alpha[i], rel=1e-5)
         # and Δk is parallel to r
@@ -187,11 +187,11 @@ def test_memit_single_request_association(setup, with_cp):
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     K, C = f32(s["K"]), f32(s["C_well"])
-    alpha = np.asarray(E.memit_association(K, C, 5.0, Cp))
+    alpha = np.asarray(ME.memit_association(K, C, 5.0, Cp))
     assert np.all(alpha >= 0) and np.all(alpha < 1)
     for i in range(N):
         k, r = K[:, i:i + 1], f32(s["R"])[:, i:i + 1]
-        inc = E.memit_increment(k, r, C, 5.0, Cp)
+        inc = ME.memit_increment(k, r, C, 5.0, Cp)
         realized = np.asarray(inc, np.float64).T @ f64(k)
         assert np.linalg.norm(realized) / np.linalg.norm(f64(r)) == pytest.approx(alpha[i], rel=1e-5)
 
@@ -204,21 +204,21 @@ def test_alphaedit_gate_reproduces_increment(setup, with_cp):
     s = setup
     Cp = f32(s["Cp"]) if with_cp else None
     K, R, P = f32(s["K"]), f32(s["R"]), f32(s["P"])
-    G = E.alphaedit_gate(K, P, Cp, L2)
+    G = AE.alphaedit_gate(K, P, Cp, L2)
     Mm = f64(s["K"]) @ f64(s["K"]).T + (0 if Cp is None else f64(s["Cp"]))
     want_G = f64(s["P"]) @ np.linalg.inv(Mm @ f64(s["P"]) + L2 * np.eye(D_K))
     assert rel(G, want_G) <= 1e-5
-    assert rel(E.increment_from_gate(K, R, G), E.alphaedit_increment(K, R, P, Cp, L2)) <= 1e-5
+    assert rel(LA.increment_from_gate(K, R, G), AE.alphaedit_increment(K, R, P, Cp, L2)) <= 1e-5
 
 
 def test_memit_and_keyonly_gates(setup):
     s = setup
     K, R, C = f32(s["K"]), f32(s["R"]), f32(s["C_well"])
-    G = E.memit_gate(K, C, 5.0, f32(s["Cp"]))
+    G = ME.memit_gate(K, C, 5.0, f32(s["Cp"]))
     want = np.linalg.inv(5.0 * f64(s["C_well"]) + f64(s["Cp"]) + f64(s["K"]) @ f64(s["K"]).T)
     assert rel(G, want) <= 1e-6
-    assert rel(E.increment_from_gate(K, R, G), E.memit_increment(K, R, C, 5.0, f32(s["Cp"]))) <= 1e-5
-    Gk = E.keyonly_gate(K, L2)
+    assert rel(LA.increment_from_gate(K, R, G), ME.memit_increment(K, R, C, 5.0, f32(s["Cp"]))) <= 1e-5
+    Gk = LA.keyonly_gate(K, L2)
     assert rel(Gk, np.linalg.inv(f64(s["K"]) @ f64(s["K"]).T + L2 * np.eye(D_K))) <= 1e-5
 
 
@@ -226,9 +226,9 @@ def test_increment_from_gate_is_differentiable(setup):
     """jax.grad through Δ(Z) = (Z−H)KᵀG (the MetaKE look-ahead) equals the analytic gradient."""
     s = setup
     K, P = f32(s["K"]), f32(s["P"])
-    G = E.alphaedit_gate(K, P, f32(s["Cp"]), L2)
+    G = AE.alphaedit_gate(K, P, f32(s["Cp"]), L2)
     W = f32(np.random.default_rng(2).normal(size=(D_K, D)))
-    g = jax.grad(lambda R: jnp.sum(E.increment_from_gate(K, R, G) * W))(f32(s["R"]))
+    g = jax.grad(lambda R: jnp.sum(LA.increment_from_gate(K, R, G) * W))(f32(s["R"]))
     # d/dR Σ (Gᵀ K Rᵀ) ⊙ W = (Wᵀ Gᵀ K)ᵀ... = Wᵀ (Gᵀ K) -> (d, n)
     want = f64(np.asarray(W)).T @ (np.asarray(G, np.float64).T @ f64(s["K"]))
     assert rel(g, want) <= 1e-5
@@ -240,18 +240,18 @@ def test_increment_from_gate_is_differentiable(setup):
 def test_shape_errors(setup):
     s = setup
     with pytest.raises(ValueError, match="number of requests"):
-        E.alphaedit_increment(f32(s["K"]), f32(s["R"][:, :3]), f32(s["P"]), None, L2)
+        AE.alphaedit_increment(f32(s["K"]), f32(s["R"][:, :3]), f32(s["P"]), None, L2)
     with pytest.raises(AssertionError, match="d_k"):
-        E.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"][:5, :5]), None, L2)
+        AE.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"][:5, :5]), None, L2)
 
 
 def test_non_finite_increment_refused(setup):
     s = setup
-    inc = E.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), None, L2)
-    E.check_finite(inc, 7)  # finite: no error
+    inc = AE.alphaedit_increment(f32(s["K"]), f32(s["R"]), f32(s["P"]), None, L2)
+    LA.check_finite(inc, 7)  # finite: no error
     bad = inc.at[3, 4].set(jnp.nan).at[0, 0].set(jnp.inf)
     with pytest.raises(EditError, match="layer 7.*2 non-finite"):
-        E.check_finite(bad, 7)
+        LA.check_finite(bad, 7)
 
 
 def test_ill_conditioned_solve_reported(setup):
@@ -263,13 +263,13 @@ def test_ill_conditioned_solve_reported(setup):
     ev[:10] = 1.0
     C_sing = (Q * ev) @ Q.T
     K, R = f32(s["K"]), f32(s["R"])
-    _, diag = E.memit_increment(K, R, f32(C_sing), 100.0, solve_dtype=jnp.float32, return_diagnostics=True)
+    _, diag = ME.memit_increment(K, R, f32(C_sing), 100.0, solve_dtype=jnp.float32, return_diagnostics=True)
     with pytest.raises(IllConditionedError, match="layer 4"):
-        E.check_solve(diag, 4)
-    _, ok = E.memit_increment(K, R, f32(s["C_well"]), 5.0, solve_dtype=jnp.float32, return_diagnostics=True)
-    E.check_solve(ok, 4)
-    _, ok_ae = E.alphaedit_increment(K, R, f32(s["P"]), f32(s["Cp"]), L2, return_diagnostics=True)
-    E.check_solve(ok_ae, 4)
-    nan_diag = E.SolveDiagnostics(jnp.float32(jnp.nan), jnp.float32(1.0), jnp.float32(1e-7))
+        LA.check_solve(diag, 4)
+    _, ok = ME.memit_increment(K, R, f32(s["C_well"]), 5.0, solve_dtype=jnp.float32, return_diagnostics=True)
+    LA.check_solve(ok, 4)
+    _, ok_ae = AE.alphaedit_increment(K, R, f32(s["P"]), f32(s["Cp"]), L2, return_diagnostics=True)
+    LA.check_solve(ok_ae, 4)
+    nan_diag = LA.SolveDiagnostics(jnp.float32(jnp.nan), jnp.float32(1.0), jnp.float32(1e-7))
     with pytest.raises(IllConditionedError, match="layer 2"):
-        E.check_solve(nan_diag, 2)
+        LA.check_solve(nan_diag, 2)

@@ -397,12 +397,12 @@ def test_singular_memit_solve_refuses_the_batch(tiny_random):
     from metake_jax.batch import EditBatch
     from metake_jax.editor import EditConfig, init_state, write_targets
     from metake_jax.keys import keys_and_hidden
-    from metake_jax.write import EditorConfig
+    from metake_jax.editors.memit import MEMIT
 
     cfg, params, tok = tiny_random
     layers = (1, 2)
     reqs = [c.request for c in parse_records(_records(2), tokenizer=tok)]
-    ecfg = EditConfig(layers=layers, editor=EditorConfig(method="memit", solve_dtype="float64"))
+    ecfg = EditConfig(layers=layers, editor=MEMIT(solve_dtype="float64"))
     hb, _ = prepare_batch(tok, reqs, [["{}"]])
     batch = EditBatch(*map(jnp.asarray, hb))
     K, H = keys_and_hidden(cfg, params, batch, layers)
@@ -645,7 +645,7 @@ def test_chat_mode_edit_changes_the_chat_answer():
     from metake_jax.editor import EditConfig, edit_batch, init_state
     from metake_jax.evaluate.scoring import score_pairs
     from metake_jax.targets import StageIConfig
-    from metake_jax.write import EditorConfig
+    from metake_jax.editors.alphaedit import AlphaEdit
     from models.embedded import load_smollm2
     from models.generate import generate
     from models.interface import forward
@@ -671,7 +671,7 @@ def test_chat_mode_edit_changes_the_chat_answer():
     assert top0 != latin and p0 < 0.01
     eye = jnp.broadcast_to(jnp.eye(cfg.d_ff, dtype=jnp.float32), (len(layers), cfg.d_ff, cfg.d_ff))
     ecfg = EditConfig(layers=layers, stage1=StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"]),
-                      editor=EditorConfig(method="alphaedit", l2=10.0))
+                      editor=AlphaEdit(l2=10.0))
     state, _ = edit_batch(cfg, init_state(params, cfg, layers, P=eye), tok, [req], [["{}"]], ecfg, chat=chat)
     top1, p_nat, p_spaced = read(state.params)
     assert top1 == latin and p_nat > 0.5 and p_nat > 10 * p_spaced, (p_nat, p_spaced)

@@ -30,9 +30,10 @@ LAYERS: dict[str, list[set[str]]] = {
     "metake_jax": [
         {"errors", "sharding", "checkpoint", "statistics", "evaluate.text_metrics", "evaluate.classification"},
         {"report"},
-        {"requests", "tokens", "projector", "templates"},
-        {"batch", "editors", "stats", "data.loaders", "data", "evaluate.scoring"},
-        {"keys", "targets", "evaluate.counterfact", "evaluate.zsre"},
+        {"requests", "tokens", "projector", "templates", "editors.linalg"},
+        {"batch", "editors.base", "stats", "data.loaders", "data", "evaluate.scoring"},
+        {"editors", "editors.memit", "editors.alphaedit"},  # the registry and one module per editor
+        {"keys", "targets", "methods", "evaluate.counterfact", "evaluate.zsre"},
         {"write", "evaluate.glue"},
         {"metake", "evaluate"},
         {"editor", "hypergrad"},

@@ -15,7 +15,9 @@ from metake_jax.errors import EditError
 from metake_jax.hypergrad import diagnostics, exact_F, exact_hypergradient, prepare_exact, proxy_hypergradient
 from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.targets import StageIConfig, optimize_targets
-from metake_jax.write import EditorConfig, LayerStats
+from metake_jax.editors import LayerStats
+from metake_jax.editors.alphaedit import AlphaEdit
+from metake_jax.editors.memit import MEMIT
 from tests.tiny import tiny_model, tiny_tokenizer
 
 TEMPLATES = [["{}"], ["The cat. {}"]]
@@ -24,7 +26,7 @@ REQS = [
     SimpleNamespace(case_id=2, subject="Toko Yasuda", prompt="{} plays the", target_new="piano"),
 ]
 LAYERS = (1, 2)
-ECFG = EditorConfig(method="alphaedit", l2=1.0)
+ECFG = AlphaEdit(l2=1.0)
 
 
 def _stats(d_k: int, m: int, seed: int = 0, dtype=np.float32) -> LayerStats:
@@ -119,18 +121,22 @@ def test_exact_hypergradient_matches_finite_differences_float64(setup):
 
 
 def test_lookahead_increment_from_B_equals_gate_form(setup):
-    """Δ_Lᵀ from B = K_Lᵀ G (formed once per batch) equals (R K_Lᵀ G)ᵀ with the d_k × d_k gate (eq. 8)."""
-    from metake_jax import editors
+    """Δ_Lᵀ from B = K_Lᵀ G (formed once per batch) equals (R K_Lᵀ G)ᵀ with the d_k × d_k structural
+    gate G = P((KKᵀ + C_p)P + λI)⁻¹ (eq. 8), and the editor's own write of the same residual."""
+    from metake_jax.editors.alphaedit import alphaedit_gate
+    from metake_jax.editors.linalg import increment_from_gate
     from metake_jax.keys import keys_and_hidden
-    from metake_jax.metake import frozen_gate, lookahead_increment, prepare_lookahead
+    from metake_jax.metake import lookahead_increment, prepare_lookahead
 
     _, cfg, params, b, Z0 = setup
     st = _stats(cfg.d_ff, 2, seed=5)
     ctx = prepare_lookahead(cfg, params, b, LAYERS, st, ECFG, MetaKEConfig())
     K, H = keys_and_hidden(cfg, params, b, LAYERS)
-    G = frozen_gate(K[-1], st, ECFG, MetaKEConfig())
+    G = alphaedit_gate(K[-1], st.P[-1], st.Cp[-1], ECFG.l2)
     Z = Z0 + 0.01 * b.valid
-    ref = editors.increment_from_gate(K[-1], (Z - H) * b.valid, G)
+    ref = increment_from_gate(K[-1], (Z - H) * b.valid, G)
+    written, _ = ECFG.increment(K[-1], (Z - H) * b.valid, len(LAYERS) - 1, st)
+    assert _rel(written, ref) <= 1e-4
     got = lookahead_increment(ctx, Z, b.valid)
     assert float(jnp.linalg.norm(ref)) > 0
     assert _rel(got, ref) <= 1e-5
@@ -288,7 +294,7 @@ def test_cp_update_and_nonfinite_cache_keeps_state(setup):
     bad = st._replace(Cp=st.Cp.at[0, 0, 0].set(jnp.nan))
     state = init_state(params, cfg, LAYERS, P=st.P, C0=st.C0)._replace(stats=bad)
     kern = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
-    memit = dataclasses.replace(ecfg, editor=EditorConfig(method="memit", mom2_update_weight=1.0))
+    memit = dataclasses.replace(ecfg, editor=MEMIT(mom2_update_weight=1.0))
     with pytest.raises(EditError, match="non-finite keys after the edit: batch not written"):
         edit_batch(cfg, state, tok, REQS, TEMPLATES, memit)
     np.testing.assert_array_equal(np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]), kern)

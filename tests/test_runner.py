@@ -151,7 +151,7 @@ def test_configs_load(name):
         assert tuple(c.layers) == r["layers"]
         assert (c.stage1.lr, c.stage1.steps) == (r["lr"], r["steps"])
         assert (c.stage1.clamp_norm_factor, c.stage1.kl_factor, c.stage1.weight_decay) == (0.75, 0.0625, 0.5)
-        assert (c.editor.l2, c.editor.nullspace_threshold, c.editor.mom2_update_weight) == (10.0, 2e-2, r["lam"])
+        assert (c.editor.alphaedit.l2, c.editor.nullspace_threshold, c.editor.memit.mom2_update_weight) == (10.0, 2e-2, r["lam"])
         assert c.stats.n_samples == 100000 and c.batch_size == 100
 
 

@@ -17,7 +17,7 @@ from metake_jax.evaluate.scoring import target_logprobs  # (mean NLL, all-correc
 from metake_jax.projector import projectors_for_layers
 from metake_jax.stats import CorpusSpec, layer_stats
 from metake_jax.targets import StageIConfig
-from metake_jax.write import EditorConfig
+from metake_jax.editors.alphaedit import AlphaEdit
 from models.interface import forward
 
 UNRELATED = [
@@ -57,7 +57,7 @@ def test_alphaedit_sequential_on_smollm2(smol, tmp_path):
     assert all(0 < r < cfg.d_ff for r in np.asarray(ranks))
     state = init_state(params, cfg, layers, P=P)
     ecfg = EditConfig(layers=layers, stage1=StageIConfig(lr=SMOLLM2_TUNED["lr"], steps=SMOLLM2_TUNED["steps"]),
-                      editor=EditorConfig(method="alphaedit", l2=10.0))
+                      editor=AlphaEdit(l2=10.0))
     cases = load_demo(tokenizer=tok)[:9]
     reqs = [c.request for c in cases]
     top_before = _top1(cfg, params, tok, UNRELATED)
