@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from metake_jax.editors.base import Editor, LayerStats
+from metake_jax.editors.base import Editor
 from metake_jax.editors.linalg import (
-    DType, SolveDiagnostics, check_kr, check_square, cache_term, lu_solve, mm, solve_eye, solve_scope,
+    DType, cache_term, checked_scope, lu_solve, mm,
 )
 
 Array = jax.Array
@@ -31,10 +31,7 @@ def _alphaedit_system(K, P, Cp, l2, dt):
 def alphaedit_system(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
                      solve_dtype: DType = jnp.float32) -> Array:
     """``A = P (K Kᵀ + C_p) + λ I`` — the matrix AlphaEdit's reference solves with (docs/FORMULAS.md §R5)."""
-    check_kr(K)
-    check_square("P", P, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, P, Cp, l2) as dt:
+    with checked_scope(solve_dtype, K, scalars=(l2,), P=P, Cp=Cp) as dt:
         return _alphaedit_system(K, P, Cp, l2, dt)
 
 
@@ -54,10 +51,7 @@ def alphaedit_increment(K: Array, R: Array, P: Array, Cp: Array | None, l2: floa
     float32 by default.  ``Cp=None`` means no previous edits.  docs/FORMULAS.md §4.
     With ``return_diagnostics`` returns ``(increment, SolveDiagnostics)``.
     """
-    check_kr(K, R)
-    check_square("P", P, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, R, P, Cp, l2) as dt:
+    with checked_scope(solve_dtype, K, R, scalars=(l2,), P=P, Cp=Cp) as dt:
         inc, res = _alphaedit_increment(K, R, P, Cp, l2, dt)
     return (inc, res) if return_diagnostics else inc
 
@@ -74,10 +68,7 @@ def alphaedit_gate(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
 
     Formed as ``solve(P (K Kᵀ + C_p) + λ I, P)`` (push-through identity; G is symmetric).
     """
-    check_kr(K)
-    check_square("P", P, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, P, Cp, l2) as dt:
+    with checked_scope(solve_dtype, K, scalars=(l2,), P=P, Cp=Cp) as dt:
         return _alphaedit_gate(K, P, Cp, l2, dt)
 
 
@@ -100,10 +91,7 @@ def association(K: Array, P: Array, Cp: Array | None, l2: float | Array, *,
     docs/FORMULAS.md §5 (Proposition 1), the single-request formula applied to each column of ``K``
     on its own: a lone request with key k and residual r is written as ``Δ k = α r``.  Shape (n,).
     """
-    check_kr(K)
-    check_square("P", P, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, P, Cp, l2) as dt:
+    with checked_scope(solve_dtype, K, scalars=(l2,), P=P, Cp=Cp) as dt:
         return _association(K, P, Cp, l2, dt)
 
 
@@ -120,10 +108,7 @@ def interaction_matrix(K: Array, P: Array, Cp: Array | None, l2: float | Array, 
 
     The realized output change of an AlphaEdit write at the edited keys is ``Δ K = R M``.
     """
-    check_kr(K)
-    check_square("P", P, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, P, Cp, l2) as dt:
+    with checked_scope(solve_dtype, K, scalars=(l2,), P=P, Cp=Cp) as dt:
         return _interaction(K, P, Cp, l2, dt)
 
 

@@ -38,7 +38,7 @@ DType = Any
 
 __all__ = [
     "FORWARD_ERROR_TOL", "RESIDUAL_TOL", "SolveDiagnostics", "check_finite", "check_solve",
-    "cache_term", "check_kr", "check_square", "increment_from_gate", "keyonly_gate", "lu_solve", "mm",
+    "cache_term", "check_kr", "checked_scope", "check_square", "increment_from_gate", "keyonly_gate", "lu_solve", "mm",
     "solve_eye", "solve_scope",
 ]
 
@@ -92,6 +92,19 @@ def check_square(name: str, X: Array | None, d_k: int) -> None:
         chex.assert_shape(X, (d_k, d_k), custom_message=f"{name} must be (d_k, d_k) = ({d_k}, {d_k})")
 
 
+@contextlib.contextmanager
+def checked_scope(solve_dtype: DType, K: Array, R: Array | None = None, *, scalars: tuple[Any, ...] = (),
+                  **squares: Array | None) -> Iterator[Any]:
+    """Shape checks (keys ``K`` (d_k, n), residuals ``R`` (d, n), each named (d_k, d_k) matrix of
+    ``squares``; ``None`` skips one) then :func:`solve_scope` over every array: yields the solve dtype.
+    Raises ValueError naming the mismatched argument."""
+    check_kr(K, R)
+    for name, X in squares.items():
+        check_square(name, X, K.shape[0])
+    with solve_scope(solve_dtype, K, R, *squares.values(), *scalars) as dt:
+        yield dt
+
+
 class SolveDiagnostics(NamedTuple):
     """Reliability figures of one solve ``A X = B`` (see :func:`check_solve`).
 
@@ -135,8 +148,7 @@ def solve_eye(A, out_dtype, dt):
 
 def keyonly_gate(K: Array, l2: float | Array, *, solve_dtype: DType = jnp.float32) -> Array:
     """Key-only gate ``(K Kᵀ + λ I)⁻¹`` (docs/FORMULAS.md §6 ablation "w/o structural gate")."""
-    check_kr(K)
-    with solve_scope(solve_dtype, K, l2) as dt:
+    with checked_scope(solve_dtype, K, scalars=(l2,)) as dt:
         d_k = K.shape[0]
         Kd = K.astype(dt)
         A = jnp.asarray(l2, dt) * jnp.eye(d_k, dtype=dt) + mm(Kd, Kd.T)  # λ I + K Kᵀ

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from metake_jax.editors.base import Editor, LayerStats
 from metake_jax.editors.linalg import (
-    DType, SolveDiagnostics, check_kr, check_square, cache_term, lu_solve, mm, solve_eye, solve_scope,
+    DType, SolveDiagnostics, cache_term, checked_scope, lu_solve, mm, solve_eye,
 )
 
 Array = jax.Array
@@ -31,10 +31,7 @@ def _memit_system(K, C0, lam, Cp, dt):
 def memit_system(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                  solve_dtype: DType = jnp.float32) -> Array:
     """``A = λ_C C0 + C_p + K Kᵀ`` (docs/FORMULAS.md §4 MEMIT; §R4 MEMIT_seq adds C_p)."""
-    check_kr(K)
-    check_square("C0", C0, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, C0, Cp, lam) as dt:
+    with checked_scope(solve_dtype, K, scalars=(lam,), C0=C0, Cp=Cp) as dt:
         return _memit_system(K, C0, lam, Cp, dt)
 
 
@@ -55,10 +52,7 @@ def memit_increment(K: Array, R: Array, C0: Array, lam: float | Array, Cp: Array
     ``Cp`` (d_k, d_k) gives MEMIT_seq (docs/FORMULAS.md §R4); ``None`` = plain MEMIT.
     With ``return_diagnostics`` returns ``(increment, SolveDiagnostics)``.
     """
-    check_kr(K, R)
-    check_square("C0", C0, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, R, C0, Cp, lam) as dt:
+    with checked_scope(solve_dtype, K, R, scalars=(lam,), C0=C0, Cp=Cp) as dt:
         inc, res = _memit_increment(K, R, C0, lam, Cp, dt)
     return (inc, res) if return_diagnostics else inc
 
@@ -71,10 +65,7 @@ def memit_seq_increment(K: Array, R: Array, C0: Array, lam: float | Array, Cp: A
 def memit_gate(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                solve_dtype: DType = jnp.float64) -> Array:
     """MEMIT gate ``(λ_C C0 + C_p + K Kᵀ)⁻¹`` (d_k, d_k), docs/FORMULAS.md §4 / §6."""
-    check_kr(K)
-    check_square("C0", C0, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, C0, Cp, lam) as dt:
+    with checked_scope(solve_dtype, K, scalars=(lam,), C0=C0, Cp=Cp) as dt:
         return solve_eye(_memit_system(K, C0, lam, Cp, dt), K.dtype, dt)
 
 
@@ -89,10 +80,7 @@ def _memit_association(K, C0, lam, Cp, dt):
 def memit_association(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                       solve_dtype: DType = jnp.float64) -> Array:
     """MEMIT association ``α_i = β_i/(1+β_i)``, ``β_i = k_iᵀ (λ_C C0 + C_p)⁻¹ k_i`` (docs/FORMULAS.md §5). (n,)"""
-    check_kr(K)
-    check_square("C0", C0, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, C0, Cp, lam) as dt:
+    with checked_scope(solve_dtype, K, scalars=(lam,), C0=C0, Cp=Cp) as dt:
         return _memit_association(K, C0, lam, Cp, dt)
 
 
@@ -106,10 +94,7 @@ def _memit_interaction(K, C0, lam, Cp, dt):
 def memit_interaction_matrix(K: Array, C0: Array, lam: float | Array, Cp: Array | None = None, *,
                              solve_dtype: DType = jnp.float64) -> Array:
     """MEMIT analog ``Kᵀ (λ_C C0 + C_p + K Kᵀ)⁻¹ K`` (n, n); ``Δ K = R M`` (docs/FORMULAS.md §R5)."""
-    check_kr(K)
-    check_square("C0", C0, K.shape[0])
-    check_square("Cp", Cp, K.shape[0])
-    with solve_scope(solve_dtype, K, C0, Cp, lam) as dt:
+    with checked_scope(solve_dtype, K, scalars=(lam,), C0=C0, Cp=Cp) as dt:
         return _memit_interaction(K, C0, lam, Cp, dt)
 
 
