@@ -3,7 +3,12 @@
 # first 200 cases, 10 sequential batches of 20, MEMIT / AlphaEdit / MetaKE, 5-token context templates.
 #
 #   bash bench/smollm2_200.sh                       # all six runs
-#   bash bench/smollm2_200.sh zsre_memit zsre_metake  # some of them
+#   bash bench/smollm2_200.sh zsre_memit zsre_metake  # some of them (any method of metake_jax.methods)
+#   SEEDS="0 1 2" bash bench/smollm2_200.sh cf_alphaedit cf_metake   # 200 seeded-random cases per seed
+#   SEEDS="0 1 2" TSEED=1 bash bench/smollm2_200.sh cf_metake       # noise floor: other context templates
+#
+# With SEEDS, run dirs are runs/<ds>200_<method>_s<S>[_t<TSEED>] and `launch/compare.py --paired` reads them
+# (METHOD.md §11: paired intervals over the same cases; the TSEED runs give the noise floor).
 #
 # Idempotent: a run whose results.json exists is skipped; an interrupted one resumes from its last
 # per-batch checkpoint (--config.resume=True starts fresh when there is none).  ~40 min per run on a
@@ -17,13 +22,19 @@ ZS="--config=configs/smollm2_zsre.py --config.data.path=$DATA/zsre_mend_train_1k
 jobs=("$@")
 [ ${#jobs[@]} -eq 0 ] && jobs=(cf_memit cf_alphaedit cf_metake zsre_memit zsre_alphaedit zsre_metake)
 mkdir -p runs
+for seed in ${SEEDS:-none}; do
 for job in "${jobs[@]}"; do
   ds=${job%%_*}; m=${job#*_}
   case $ds in cf) args=$CF ;; zsre) args=$ZS ;; *) echo "unknown job $job (cf_<method> | zsre_<method>)"; exit 2 ;; esac
   dir=runs/${ds}200_$m
+  if [ "$seed" != none ]; then
+    dir=${dir}_s$seed; args="$args --config.data.seed=$seed"
+    if [ -n "${TSEED:-}" ]; then dir=${dir}_t$TSEED; args="$args --config.templates.seed=$TSEED"; fi
+  fi
   if [ -f "$dir/results.json" ]; then echo "=== $job: done ($dir/results.json)"; continue; fi
-  echo "=== $job start $(date -u +%T)"
+  echo "=== $job ${dir} start $(date -u +%T)"
   .venv/bin/python launch/edit.py $args --config.data.n=200 --config.batch_size=20 --config.method=$m \
-      --config.run_dir=$dir --config.resume=True 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" > "runs/${ds}200_$m.log"
+      --config.run_dir=$dir --config.resume=True 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" > "$dir.log"
   echo "=== $job rc ${PIPESTATUS[0]} end $(date -u +%T)"
+done
 done
