@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 
+class RunError(RuntimeError):
+    """The run cannot go on (bad config, failed batch, inconsistent checkpoint); says why."""
+
+
+class ConfigError(RunError):
+    """A run configuration field is unknown, of the wrong type or not allowed; the message names it
+    (``config.<section>.<field>``)."""
+
+
 class EditError(RuntimeError):
     """An edit cannot be written (e.g. a non-finite increment); the message names the layer."""
 

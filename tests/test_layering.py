@@ -36,7 +36,7 @@ LAYERS: dict[str, list[set[str]]] = {
         {"keys", "targets", "methods", "evaluate.counterfact", "evaluate.zsre"},
         {"write", "evaluate.glue"},
         {"metake", "evaluate"},
-        {"editor", "hypergrad"},
+        {"editor", "hypergrad", "run_config"},
         {"runner", "analysis"},
         {"experiment"},  # set-up shared by launchers and benchmarks, on top of the runner
     ],
