@@ -119,21 +119,23 @@ def main(argv):
     from metake_jax.editor import edit_batch, init_state
     from metake_jax.evaluate import evaluate_counterfact
     from models.random_model import random_config, random_params, random_stats
-    from metake_jax.runner import edit_config, load_model_spec
+    import dataclasses
 
-    c = _CONFIG.value
-    layers = tuple(int(l) for l in c.layers)
+    from metake_jax.runner import RunConfig, edit_config, load_model_spec
+
+    c = RunConfig.of(_CONFIG.value)
+    layers = c.layers
     t = time.perf_counter()
     if FLAGS.random:
-        if str(c.model) not in RANDOM_SHAPES:
+        if c.model not in RANDOM_SHAPES:
             raise app.UsageError(f"--random: no shape preset for model {c.model!r}; known {sorted(RANDOM_SHAPES)}")
-        fam, size = RANDOM_SHAPES[str(c.model)]
-        cfg = random_config(fam, size, dtype=str(c.dtype)).replace(remat=bool(c.get("remat", False)))
+        fam, size = RANDOM_SHAPES[c.model]
+        cfg = random_config(fam, size, dtype=c.dtype).replace(remat=c.remat)
         params = random_params(cfg, FLAGS.seed)
         model_desc = f"random {fam} with {size} shapes"
     else:
-        cfg, params, _ = load_model_spec(c.model, dtype=str(c.dtype), seed=FLAGS.seed, remat=bool(c.get("remat", False)))
-        model_desc = str(c.model)
+        cfg, params, _ = load_model_spec(c.model, dtype=c.dtype, seed=FLAGS.seed, remat=c.remat)
+        model_desc = c.model
     jax.block_until_ready(params)
     tok = WordTokenizer(cfg.vocab_size)
     C0, P = random_stats(len(layers), cfg.d_ff, FLAGS.seed)
@@ -144,7 +146,7 @@ def main(argv):
                           for _ in range(5)]]
     rows = []
     for method in FLAGS.methods:
-        c.method = method
+        c = dataclasses.replace(c, method=method)
         ecfg = edit_config(c)
         state = init_state(params, cfg, layers, P=P, C0=C0 if "C0" in ecfg.editor.needs else None)
         for b in range(FLAGS.n_batches):
@@ -153,7 +155,7 @@ def main(argv):
             tm = dict(rep.timings)
             if FLAGS.eval:
                 te = time.perf_counter()
-                evaluate_counterfact(cfg, state.params, tok, cases, batch_size=int(c.eval.batch_size))
+                evaluate_counterfact(cfg, state.params, tok, cases, batch_size=c.eval.batch_size)
                 tm["eval"] = time.perf_counter() - te
             rss, dev = _peak()
             rows.append((method, b + 1, tm, rss, dev))

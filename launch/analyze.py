@@ -26,7 +26,6 @@ is below the paper's.  Streams are shared between analyses of one invocation (sa
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -78,7 +77,7 @@ class Context:
         n = _N.value or len(self.s.cases)
         self.cases = self.s.cases[:n]
         self.kind = self.cases[0].kind
-        self.bs = int(_BS.value or c.batch_size)
+        self.bs = int(_BS.value or self.s.config.batch_size)
         self.batches = [self.cases[i:i + self.bs] for i in range(0, len(self.cases), self.bs)]
         self.streams: dict[tuple[str, float], Any] = {}
         self.pre_argmax = None
@@ -86,7 +85,7 @@ class Context:
             from metake_jax.evaluate import neighborhood_argmax
 
             self.pre_argmax = neighborhood_argmax(self.s.cfg, self.s.params, self.s.tokenizer, self.cases,
-                                                  batch_size=int(c.eval.batch_size))
+                                                  batch_size=self.s.config.eval.batch_size)
         self.setup_s = time.perf_counter() - t
 
     def sizes(self) -> list[str]:
@@ -100,11 +99,10 @@ class Context:
     def edit_config(self, method: str, kl: float | None = None):
         from metake_jax.runner import edit_config
 
-        c = copy.deepcopy(self.c)
-        c.method = method
+        rc = dataclasses.replace(self.s.config, method=method)
         if kl is not None:
-            c.stage1.kl_factor = float(kl)
-        return edit_config(c)
+            rc = dataclasses.replace(rc, stage1=dataclasses.replace(rc.stage1, kl_factor=float(kl)))
+        return edit_config(rc)
 
     def stream(self, method: str, kl: float | None = None):
         """The measured stream of ``method`` (cached per (method, λ_KL))."""
@@ -123,7 +121,7 @@ class Context:
     def evaluate(self, params: Any) -> dict[str, Any]:
         from metake_jax.runner import evaluate_cases
 
-        return evaluate_cases(self.c, self.kind, self.s.cfg, params, self.s.tokenizer, self.cases,
+        return evaluate_cases(self.s.config, self.kind, self.s.cfg, params, self.s.tokenizer, self.cases,
                               pre_argmax=self.pre_argmax)
 
     def write(self, name: str, data: dict[str, Any], md: str, fig: Any) -> None:
@@ -226,8 +224,8 @@ def run_kl(ctx: Context) -> None:
     from metake_jax.report import PER_CASE_KEYS
 
     t0 = time.perf_counter()
-    method = _KL_METHOD.value or str(ctx.c.method)
-    default = float(ctx.c.stage1.kl_factor)
+    method = _KL_METHOD.value or str(ctx.s.config.method)
+    default = float(ctx.s.config.stage1.kl_factor)
     grid = sorted(float(x) for x in _KL_GRID.value) if _KL_GRID.value else [default * f for f in (0.25, 0.5, 1, 2, 4)]
     centre = min(grid, key=lambda g: abs(np.log(g / default)) if g > 0 else np.inf)
     key = PER_CASE_KEYS[ctx.kind]["efficacy"]
@@ -285,7 +283,7 @@ def run_sensitivity(ctx: Context) -> None:
     from metake_jax.metake import refine_targets
 
     t0 = time.perf_counter()
-    method = str(ctx.c.method) if str(ctx.c.method) in ("metake", "metake_memit", "metake_keyonly") else "metake"
+    method = str(ctx.s.config.method) if str(ctx.s.config.method) in ("metake", "metake_memit", "metake_keyonly") else "metake"
     ecfg = ctx.edit_config(method)
     s1cfg = dataclasses.replace(ecfg, metake=None)
     eta0 = float(ecfg.metake.lr)
@@ -420,7 +418,7 @@ def main(argv: list[str]) -> None:
     c = checked_config(argv, _CONFIG.value)
     setup_logging()
     chosen = ANALYSES if "all" in _ANALYSIS.value else tuple(a for a in ANALYSES if a in _ANALYSIS.value)
-    from configs.base import METHODS
+    from metake_jax.runner import METHODS
 
     unknown = [m for m in _METHODS.value if m not in METHODS]
     if unknown:

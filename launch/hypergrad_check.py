@@ -103,10 +103,6 @@ def main(argv: list[str]) -> None:
     setup_logging()
 
     c = _CONFIG.value
-    if c.metake is None:
-        from metake_jax.runner import RunError
-
-        raise RunError("config.metake: the config has no metake section")
     t0 = time.perf_counter()
     s = prepare(c)
     n = min(_N.value, len(s.cases))
@@ -114,7 +110,7 @@ def main(argv: list[str]) -> None:
     hb, n = prepare_batch(s.tokenizer, reqs, s.templates)
     b = EditBatch(*map(jnp.asarray, hb))
     ec = s.edit_config
-    mcfg = ec.metake or __import__("metake_jax.metake", fromlist=["MetaKEConfig"]).MetaKEConfig()
+    mcfg = ec.metake or s.config.metake  # the config's metake section also for a non-MetaKE method
     eta = float(_ETA.value if _ETA.value is not None else mcfg.lr)
     seconds = {"setup": time.perf_counter() - t0}
     t = time.perf_counter()

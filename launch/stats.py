@@ -29,22 +29,23 @@ def main(argv: list[str]) -> None:
     setup_logging()
     import numpy as np
 
-    from metake_jax.runner import _get, layer_statistics, load_model_spec, model_id_for, stats_cache_dir
+    from metake_jax.runner import RunConfig, edit_config, layer_statistics, load_model_spec, model_id_for, stats_cache_dir
 
+    rc = RunConfig.of(c)  # one-line error naming a bad field (launch._common.run_cli)
+    layers = edit_config(rc).layers  # the method's editor's own layers, or the run's
     t = time.perf_counter()
-    cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=int(c.seed))
-    mid = _get(c, "model_id") or model_id_for(c.model, cfg, int(c.seed), str(c.dtype))
-    C0 = layer_statistics(c, cfg, params, tok, mid)
-    print(f"C0 for layers {tuple(c.layers)} of {mid}: shape {tuple(C0.shape)}, "
+    cfg, params, tok = load_model_spec(rc.model, dtype=rc.dtype, seed=rc.seed)
+    mid = rc.model_id or model_id_for(rc.model, cfg, rc.seed, rc.dtype)
+    C0 = layer_statistics(rc, cfg, params, tok, mid)
+    print(f"C0 for layers {layers} of {mid}: shape {tuple(C0.shape)}, "
           f"trace/d_k {[round(float(np.trace(np.asarray(x))) / x.shape[0], 5) for x in C0]}, "
-          f"{time.perf_counter() - t:.1f}s; cache {stats_cache_dir(c)}")
+          f"{time.perf_counter() - t:.1f}s; cache {stats_cache_dir(rc)}")
     if _PROJ.value:
         from metake_jax.projector import projectors_for_layers
 
-        energy = _get(c, "editor.energy")
-        _, ranks = projectors_for_layers(C0, threshold=float(c.editor.nullspace_threshold),
-                                         energy=None if energy is None else float(energy), layers=tuple(c.layers))
-        print(f"null-space projector ranks (threshold {c.editor.nullspace_threshold}): {list(map(int, ranks))} "
+        _, ranks = projectors_for_layers(C0, threshold=rc.editor.nullspace_threshold, energy=rc.editor.energy,
+                                         layers=layers)
+        print(f"null-space projector ranks (threshold {rc.editor.nullspace_threshold}): {list(map(int, ranks))} "
               f"of d_k={cfg.d_ff}")
 
 

@@ -2,9 +2,10 @@
 
 What is saved after every batch (``run_dir/checkpoints/<step>/``, step = batches done):
 
-* ``arrays``: the edited layers' fc_out kernels ``(m, d_k, d)``, ``C_p`` ``(m, d_k, d_k)`` and the
-  run RNG key data — everything of the edit state that is not a pure function of the config
-  (the base model, templates, C0 and P are reloaded / recomputed deterministically);
+* ``arrays``: the edited layers' fc_out kernels ``(m, d_k, d)`` and ``C_p`` ``(m, d_k, d_k)`` —
+  everything of the edit state that is not a pure function of the config (the base model,
+  templates, C0 and P are reloaded / recomputed deterministically; the stream uses no RNG, and the
+  ``rng`` array of older checkpoints is ignored on restore);
 * ``meta`` (JSON): stream cursor (cases done and their ids), batch log, metrics so far, config.
 
 Saving is synchronous and orbax finalizes a step directory atomically, so a run killed at any

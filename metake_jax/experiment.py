@@ -32,6 +32,7 @@ class Setup:
     cases: list[Case]
     edit_config: EditConfig
     model_id: str
+    config: runner.RunConfig
 
     def state(self) -> EditState:
         return init_state(self.params, self.cfg, self.layers, P=self.P, C0=self.C0)
@@ -45,18 +46,17 @@ class Setup:
 
 
 def prepare(c: Any, *, run_dir: str | Path | None = None) -> Setup:
-    """Load everything a config describes (statistics and templates come from their caches)."""
-    dtype = str(runner._get(c, "dtype", "float32"))
-    cfg, params, tok = runner.load_model_spec(str(c.model), dtype=dtype, seed=int(runner._get(c, "seed", 0)),
-                                              remat=bool(runner._get(c, "remat", False)))
-    model_id = runner.model_id_for(str(c.model), cfg, int(runner._get(c, "seed", 0)), dtype)
-    rd = Path(run_dir or c.run_dir).expanduser()
+    """Load everything a config (a ``RunConfig`` or a ConfigDict, validated once) describes; statistics
+    and templates come from their caches.  Raises what ``runner.setup`` raises."""
+    rc = runner.RunConfig.of(c)
+    cfg, params, tok = runner.load_model_spec(rc.model, dtype=rc.dtype, seed=rc.seed, remat=rc.remat)
+    model_id = rc.model_id or runner.model_id_for(rc.model, cfg, rc.seed, rc.dtype)
+    rd = Path(run_dir or rc.run_dir).expanduser()
     rd.mkdir(parents=True, exist_ok=True)
-    templates = runner.get_templates(c, cfg, params, tok, rd, model_id)
-    layers = tuple(int(l) for l in c.layers)
-    C0 = runner.layer_statistics(c, cfg, params, tok, model_id)
-    P, ranks = projectors_for_layers(
-        C0, threshold=float(c.editor.nullspace_threshold), energy=runner._get(c, "editor.energy"))
-    cases = runner.load_run_cases(c, tok)
-    return Setup(cfg=cfg, params=params, tokenizer=tok, templates=templates, layers=layers, C0=C0, P=P,
-                 ranks=ranks, cases=cases, edit_config=runner.edit_config(c), model_id=model_id)
+    templates = runner.get_templates(rc, cfg, params, tok, rd, model_id)
+    C0 = runner.layer_statistics(rc, cfg, params, tok, model_id)
+    P, ranks = projectors_for_layers(C0, threshold=rc.editor.nullspace_threshold, energy=rc.editor.energy)
+    cases = runner.load_run_cases(rc, tok)
+    ecfg = runner.edit_config(rc)
+    return Setup(cfg=cfg, params=params, tokenizer=tok, templates=templates, layers=ecfg.layers, C0=C0, P=P,
+                 ranks=ranks, cases=cases, edit_config=ecfg, model_id=model_id, config=rc)

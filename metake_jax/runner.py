@@ -1,24 +1,29 @@
 """The sequential editing protocol (docs/FORMULAS.md §9, §R5 "Sequential protocol").
 
-``run(config)`` does, for a run configuration (``configs/base.py``):
+``run(config)`` validates the configuration once (``metake_jax.run_config.RunConfig``) and runs
+five named stages, each a function with a typed input and output:
 
-1. load the model and tokenizer (``models.load.load_model``, incl. ``random:<family>[:<size>]``);
-2. select the cases (``metake_jax.data.loaders``), in file order;
-3. context templates (docs/FORMULAS.md §2; ``metake_jax.templates.context_templates``, seeded, cached in
-   ``run_dir/templates.json``; or ``templates.file``);
-4. layer statistics C0 (``metake_jax.stats.layer_stats``, cached) → projectors P (AlphaEdit /
-   MetaKE) or C0 (MEMIT);
-5. pre-edit evaluation of all cases and GLUE on the base model;
-6. the batches of ``batch_size`` cases through ``editor.edit_batch``, each on top of the last
-   (C_p accumulates), with a checkpoint after every batch (``metake_jax.checkpoint``); GLUE after
-   every k batches; the just-edited batch's efficacy (cheap) for the edits-vs-metrics plot;
-7. final evaluation of all cases on the final model; results.json, results.md, plots
+1. ``setup`` → ``RunSetup``: the model and tokenizer (``models.load.load_model``, incl.
+   ``random:<family>[:<size>]``), the selected cases (``metake_jax.data.loaders``, file order), the
+   context templates (docs/FORMULAS.md §2; sampled once, seeded, cached in ``run_dir/templates.json``,
+   or ``templates.file``), every row tokenized up front, and on resume the checkpoint checked against
+   the config — nothing is written;
+2. ``statistics`` → ``EditState``, ranks: layer statistics C0 (``metake_jax.stats.layer_stats``,
+   cached outside ``run_dir``) → projectors P (AlphaEdit / MetaKE) or C0 (MEMIT);
+3. ``evaluate_base`` → ``BaseEval``: pre-edit evaluation of all cases and GLUE on the base model
+   (cached in ``run_dir`` under the run's fingerprint);
+4. ``stream`` → ``Stream``: the batches of ``batch_size`` cases through ``editor.edit_batch``, each on
+   top of the last (C_p accumulates), a checkpoint after every batch (``metake_jax.checkpoint``),
+   GLUE after every k batches, the just-edited batch's efficacy (cheap) for the edits-vs-metrics plot;
+5. ``evaluate_final`` and ``outputs``: all cases on the final model; results.json, results.md, plots
    (``metake_jax.report``), optional HF export.
 
 ``resume=True`` restarts from the last checkpoint: the base model is loaded and the edited layers'
 kernels and C_p are overwritten from the checkpoint, so the run ends with the same weights as an
 uninterrupted one; no case is edited twice or skipped.  A batch that raises leaves the state
-unchanged and stops the run with a ``RunError`` naming the batch and its case ids.
+unchanged and stops the run with a ``RunError`` naming the batch and its case ids.  The stream is
+deterministic (no RNG); checkpoints written before that change carry an unused ``rng`` array, which
+``stream`` ignores.
 """
 from __future__ import annotations
 
@@ -40,12 +45,10 @@ import numpy as np
 from metake_jax import editors
 from metake_jax.checkpoint import RunCheckpointer
 from metake_jax.editor import EditConfig, EditState, edit_batch, init_state
-from metake_jax.errors import EditError, RequestError
-from metake_jax.metake import MetaKEConfig
+from metake_jax.errors import ConfigError, EditError, RequestError, RunError
 from metake_jax.methods import methods, resolve
 from metake_jax.requests import Case
-from metake_jax.stats import CORPUS_KINDS, PRECISIONS
-from metake_jax.targets import StageIConfig
+from metake_jax.run_config import RunConfig
 from metake_jax.tokens import ChatFormat, chat_format
 from models.config import ModelConfig
 from models.interface import w_out, with_w_out
@@ -55,13 +58,11 @@ log = logging.getLogger(__name__)
 METHODS = methods()  # from the editor registry (metake_jax.methods)
 
 __all__ = [
-    "METHODS", "RunError", "RunHooks", "cases_digest", "chat_of", "check_inputs", "edit_config", "load_model_spec",
-    "load_run_cases", "run", "get_templates", "layer_statistics", "model_id_for", "stats_cache_dir",
+    "BaseEval", "ConfigError", "METHODS", "RunConfig", "RunError", "RunHooks", "RunSetup", "Stream", "cases_digest",
+    "chat_of", "check_inputs", "edit_config", "evaluate_base", "evaluate_final", "get_templates", "layer_statistics",
+    "load_model_spec", "load_run_cases", "model_id_for", "outputs", "run", "setup", "statistics", "stats_cache_dir",
+    "stream",
 ]
-
-
-class RunError(RuntimeError):
-    """The run cannot go on (bad config, failed batch, inconsistent checkpoint); says why."""
 
 
 @dataclasses.dataclass
@@ -75,63 +76,29 @@ class RunHooks:
 # ============================================================================ config → objects
 
 
-def _get(c: Any, dotted: str, default: Any = None) -> Any:
-    cur = c
-    for part in dotted.split("."):
-        try:
-            cur = cur[part]
-        except (KeyError, TypeError, AttributeError):
-            return default
-    return default if cur is None else cur
+def edit_config(c: RunConfig | Any) -> EditConfig:
+    """``method`` + hyper-parameters → ``EditConfig`` (the method table: ``metake_jax.methods.resolve``,
+    docs/FORMULAS.md §4, §6): the method's editor from ``editor.<name>``, its edited layers (the
+    editor's own ``layers`` or the run's), Stage I, and the MetaKE section with the method's overrides.
 
-
-def edit_config(c: Any) -> EditConfig:
-    """``method`` + hyper-parameters → ``EditConfig`` (the method table of the brief / docs/FORMULAS.md §4, §6)."""
+    ``c``: a ``RunConfig`` or a ConfigDict (validated first).  Raises ``ConfigError`` naming the field
+    (an unknown method included)."""
+    rc = RunConfig.of(c)
     try:
-        meth = resolve(str(c.method))
+        meth = resolve(rc.method)
     except ValueError as e:
-        raise RunError(str(e)) from e
-    precision = _stats_precision(c)
-    if precision not in PRECISIONS:  # checked before the model loads, not at the statistics pass
-        raise RunError(f"config.stats.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    kind = _get(c, "stats.kind", CORPUS_KINDS[0])
-    if kind not in CORPUS_KINDS:
-        raise RunError(f"config.stats.kind={kind!r} is not one of {', '.join(CORPUS_KINDS)}")
-    dtype = str(_get(c, "dtype", "float32"))
-    if dtype not in ("float32", "bfloat16"):  # checked before anything is loaded or written
-        raise RunError(f"config.dtype={dtype!r} is not one of float32, bfloat16")
-    try:
-        editor = editors.build(meth.editor, _get(c, f"editor.{meth.editor}", {}))
-    except (TypeError, ValueError) as e:
-        raise RunError(f"config.{e}" if str(e).startswith("editor.") else str(e)) from e
-    s = c.stage1
-    try:
-        stage1 = StageIConfig(lr=float(s.lr), steps=int(s.steps), clamp_norm_factor=float(s.clamp_norm_factor),
-                              kl_factor=float(s.kl_factor), weight_decay=float(s.weight_decay),
-                              early_stop=float(_get(c, "stage1.early_stop", 5e-2)),
-                              row_groups=int(_get(c, "stage1.row_groups", StageIConfig.row_groups)))
-    except ValueError as e:
-        raise RunError(f"config.{e}") from e
+        raise ConfigError(str(e)) from e
+    editor = getattr(rc.editor, meth.editor)
     metake = None
     if meth.metake is not None:
-        m = c.metake
-        w = _get(c, "metake.weights", {}) or {}
-        fields = dict(
-            steps=int(m.steps), lr=float(m.lr), gate=str(m.gate), feedback=str(_get(c, "metake.feedback", "gated")),
-            anchor=str(_get(c, "metake.anchor", "relative")), line_search=str(_get(c, "metake.line_search", "batch")),
-            max_halvings=int(_get(c, "metake.max_halvings", 8)),
-            edit_weight=float(w.get("edit", 1.0)), loc_weight=float(w.get("loc", 1.0)),
-            anchor_weight=float(w.get("anchor", 1.0)), prompts=str(_get(c, "metake.prompts", "all")))
-        fields.update(meth.metake)
         try:
-            metake = MetaKEConfig(**fields)
+            metake = dataclasses.replace(rc.metake, **meth.metake)
         except ValueError as e:
-            raise RunError(f"config.{e}") from e
+            raise ConfigError(f"config.{e}") from e
     try:
-        layers = editor.edit_layers(tuple(int(l) for l in c.layers))
-        return EditConfig(layers=layers, stage1=stage1, editor=editor, metake=metake)
+        return EditConfig(layers=editor.edit_layers(rc.layers), stage1=rc.stage1, editor=editor, metake=metake)
     except ValueError as e:
-        raise RunError(f"config.layers: {e}") from e
+        raise ConfigError(f"config.layers: {e}") from e
 
 
 def model_id_for(spec: str, cfg: ModelConfig, seed: int, dtype: str) -> str:
@@ -171,7 +138,7 @@ def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0,
     return cfg, params, tok
 
 
-def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
+def load_run_cases(c: RunConfig | Any, tokenizer: Any) -> list[Case]:
     """The selected cases of ``config.data`` (validated against the tokenizer), in file order.
 
     Raises ``RequestError`` (bad record; two cases with the same subject and prompt but different
@@ -180,9 +147,9 @@ def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
     from metake_jax.data.loaders import load_cases, load_demo
     from metake_jax.requests import check_conflicts
 
-    d = c.data
-    n, seed = _get(c, "data.n"), _get(c, "data.seed")
-    if d.path in ("demo", "", None):
+    d = RunConfig.of(c).data
+    n, seed = d.n, d.seed
+    if d.path in ("demo", ""):
         cases = load_demo(n=n, seed=seed, tokenizer=tokenizer)
     else:
         cases = load_cases(os.path.expanduser(d.path), d.format, n=n, seed=seed, tokenizer=tokenizer)
@@ -195,9 +162,9 @@ def load_run_cases(c: Any, tokenizer: Any) -> list[Case]:
     return cases
 
 
-def chat_of(c: Any, tokenizer: Any) -> ChatFormat | None:
+def chat_of(c: RunConfig | Any, tokenizer: Any) -> ChatFormat | None:
     """``config.data.chat``: the tokenizer's ``ChatFormat`` (prompts wrapped in its chat template), or None."""
-    if not bool(_get(c, "data.chat", False)):
+    if not RunConfig.of(c).data.chat:
         return None
     try:
         return chat_format(tokenizer)
@@ -211,7 +178,7 @@ def cases_digest(cases: Sequence[Case]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_inputs(c: Any, cfg: ModelConfig, tokenizer: Any, cases: Sequence[Case], templates: Sequence[Sequence[str]],
+def check_inputs(c: RunConfig | Any, cfg: ModelConfig, tokenizer: Any, cases: Sequence[Case], templates: Sequence[Sequence[str]],
                  chat: ChatFormat | None = None) -> None:
     """Every row the run will build — each batch's rewriting rows with every context template, and
     every evaluation pair — tokenized up front (no model call): ``RequestError`` naming the case and
@@ -221,7 +188,7 @@ def check_inputs(c: Any, cfg: ModelConfig, tokenizer: Any, cases: Sequence[Case]
     from metake_jax.evaluate.zsre import zsre_pairs
     from metake_jax.tokens import PairError, encode_pairs
 
-    bs = int(c.batch_size)
+    bs = RunConfig.of(c).batch_size
     for i in range(0, len(cases), bs):
         prepare_batch(tokenizer, [x.request for x in cases[i:i + bs]], templates, n_pad=bs, chat=chat,
                       max_positions=cfg.max_positions)
@@ -250,11 +217,11 @@ def _validate_templates(t: Any, where: str) -> list[list[str]]:
     return t
 
 
-def _templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
+def _templates(c: RunConfig, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
                model_id: str) -> tuple[list[list[str]], Callable[[], None] | None]:
     """(templates, write) — ``write`` stores newly sampled templates in ``run_dir/templates.json``
     (None when they came from a file or the cache); nothing is written here."""
-    f = _get(c, "templates.file", "")
+    f = c.templates.file
     if f:
         p = Path(f).expanduser()
         if not p.is_file():
@@ -263,8 +230,8 @@ def _templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: P
             return _validate_templates(json.loads(p.read_text()), str(p)), None
         except json.JSONDecodeError as e:
             raise RunError(f"config.templates.file: {p} is not valid JSON ({e})") from e
-    key = {"model_id": model_id, "seed": int(c.templates.seed), "n_per_prompt": int(c.templates.n_per_prompt),
-           "length": int(c.templates.length)}
+    key = {"model_id": model_id, "seed": c.templates.seed, "n_per_prompt": c.templates.n_per_prompt,
+           "length": c.templates.length}
     cache = run_dir / "templates.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
@@ -279,52 +246,49 @@ def _templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: P
     return t, lambda: cache.write_text(json.dumps({"key": key, "templates": t}, indent=1))
 
 
-def get_templates(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
+def get_templates(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: Any, run_dir: Path,
                   model_id: str) -> list[list[str]]:
     """Context templates (docs/FORMULAS.md §2): ``templates.file`` if given, else sampled once (seeded) and
     cached in ``run_dir/templates.json``."""
-    t, write = _templates(c, cfg, params, tokenizer, run_dir, model_id)
+    t, write = _templates(RunConfig.of(c), cfg, params, tokenizer, run_dir, model_id)
     if write is not None:
         write()
     return t
 
 
-def stats_cache_dir(c: Any) -> Path:
+def stats_cache_dir(c: RunConfig | Any) -> Path:
     """``stats.cache_dir``, or ``$METAKE_CACHE/stats`` (default ``~/.cache/metake-jax/stats``)."""
-    d = _get(c, "stats.cache_dir", "")
+    d = RunConfig.of(c).stats.cache_dir
     if d:
         return Path(str(d)).expanduser()
     return Path(os.environ.get("METAKE_CACHE") or "~/.cache/metake-jax").expanduser() / "stats"
 
 
-def layer_statistics(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str) -> jax.Array:
-    """C0 (m, d_k, d_k) of the edited layers, cached (``metake_jax.stats.layer_stats``)."""
+def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str) -> jax.Array:
+    """C0 (m, d_k, d_k) of the edited layers (``edit_config(c).layers``: the method's editor's own
+    ``layers`` or the run's), cached (``metake_jax.stats.layer_stats``)."""
     from metake_jax.stats import CorpusSpec, layer_stats
 
+    c = RunConfig.of(c)
     s = c.stats
-    spec = CorpusSpec(kind=str(s.kind), name=str(s.name), config=_get(c, "stats.config"), split=str(s.split),
-                      paths=tuple(str(Path(p).expanduser()) for p in (s.paths or ())), seed=int(s.seed))
-    return layer_stats(cfg, params, tokenizer, tuple(int(l) for l in c.layers), spec,
-                       n_samples=int(s.n_samples), max_len=int(s.max_len),
-                       cache_dir=stats_cache_dir(c), model_id=model_id,
-                       token_budget=int(_get(c, "stats.token_budget", 8192)),
-                       precision=_stats_precision(c))
+    spec = CorpusSpec(kind=s.kind, name=s.name, config=s.config, split=s.split,
+                      paths=tuple(str(Path(p).expanduser()) for p in s.paths), seed=s.seed)
+    return layer_stats(cfg, params, tokenizer, edit_config(c).layers, spec, n_samples=s.n_samples, max_len=s.max_len,
+                       cache_dir=stats_cache_dir(c), model_id=model_id, token_budget=s.token_budget,
+                       precision=s.precision)
 
 
-# Fingerprint fields added after run checkpoints already existed, with the value those older runs implied.
+# Fingerprint fields added after run checkpoints already existed, with the value those older runs implied
+# (a field added to a fingerprinted section of run_config.RunConfig goes here to keep old runs resumable).
 _ADDED_LATER: dict[str, Any] = {"stats.precision": "highest", "data.chat": False}
 # Fingerprint entries older checkpoints did not record at all (not compared when absent from a checkpoint).
 _RECORDED_LATER: tuple[str, ...] = ("data_sha256",)
 
 
-def _stats_precision(c: Any) -> str:
-    """``config.stats.precision`` (configs written before the field existed mean "highest")."""
-    return str(_get(c, "stats.precision", _ADDED_LATER["stats.precision"]))
-
-
-def _fingerprint(c: Any) -> dict[str, Any]:
-    """The config fields that determine the edited weights (must match on resume)."""
-    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+def _fingerprint(c: RunConfig | Any) -> dict[str, Any]:
+    """The config fields that determine the edited weights (must match on resume), in the ConfigDict
+    layout older checkpoints stored; a field missing from ``c`` counts at its default."""
+    d = RunConfig.of(c).to_dict()
     keep = ("model", "dtype", "data", "method", "batch_size", "layers", "stage1", "editor", "metake", "stats",
             "templates", "seed")
     fp = json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
@@ -376,21 +340,21 @@ def _resume_diff(fp: dict[str, Any], stored: dict[str, Any]) -> list[str]:
     return _diff({k: v for k, v in fp.items() if k in stored or k not in _RECORDED_LATER}, stored)
 
 
-def _eval_cache_key(c: Any, model_id: str, data_sha: str, templates: Any, ids: Sequence[int]) -> dict[str, Any]:
+def _eval_cache_key(c: RunConfig | Any, model_id: str, data_sha: str, templates: Any, ids: Sequence[int]) -> dict[str, Any]:
     """What a cached evaluation of the unedited model depends on: model, dtype, seed, the data
     (config, content hash, case ids), chat mode, templates and the evaluation settings."""
-    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
-    ev = {k: v for k, v in (d.get("eval") or {}).items() if not k.startswith("glue")}
+    d = RunConfig.of(c).to_dict()
+    ev = {k: v for k, v in d["eval"].items() if not k.startswith("glue")}
     key = {"model": d.get("model"), "model_id": model_id, "dtype": d.get("dtype"), "seed": d.get("seed"),
            "data": d.get("data"), "data_sha256": data_sha, "templates": templates, "eval": ev,
            "case_ids": list(ids)}
     return json.loads(json.dumps(key, default=str))
 
 
-def _glue_cache_key(c: Any, model_id: str) -> dict[str, Any]:
+def _glue_cache_key(c: RunConfig | Any, model_id: str) -> dict[str, Any]:
     """What the base model's GLUE results depend on: model, dtype, seed and the GLUE settings."""
-    d = c.to_dict() if hasattr(c, "to_dict") else dict(c)
-    ev = {k: v for k, v in (d.get("eval") or {}).items() if k.startswith("glue") or k == "batch_size"}
+    d = RunConfig.of(c).to_dict()
+    ev = {k: v for k, v in d["eval"].items() if k.startswith("glue") or k == "batch_size"}
     key = {"model": d.get("model"), "model_id": model_id, "dtype": d.get("dtype"), "seed": d.get("seed"), "eval": ev}
     return json.loads(json.dumps(key, default=str))
 
@@ -433,22 +397,23 @@ def _peak_memory() -> dict[str, float | None]:
     return {"peak_rss_mb": round(rss_mb, 1), "device_peak_mb": None if dev is None else round(dev, 1)}
 
 
-def evaluate_cases(c: Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: Any, cases: Sequence[Case], *,
+def evaluate_cases(c: RunConfig | Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: Any, cases: Sequence[Case], *,
                    pre_argmax: list | None = None, fluency: bool = False, seed: int = 0,
                    chat: ChatFormat | None = None) -> dict[str, Any]:
     """CounterFact or ZsRE metrics of ``cases`` on ``params`` (docs/FORMULAS.md §8); ``chat``: a
     ``tokens.ChatFormat`` (prompts wrapped in the chat template) or None."""
     from metake_jax.evaluate import evaluate_counterfact, evaluate_zsre
 
-    bs = int(_get(c, "eval.batch_size", 32))
+    e = RunConfig.of(c).eval
+    bs = e.batch_size
     if kind == "zsre":
         return evaluate_zsre(cfg, params, tokenizer, cases, batch_size=bs, pre_edit_argmax=pre_argmax, chat=chat)
     out = evaluate_counterfact(cfg, params, tokenizer, cases, batch_size=bs, chat=chat)
     if fluency:
-        n = int(_get(c, "eval.fluency_cases", 0)) or len(cases)
-        ref = _get(c, "eval.reference_stats", "") or None
+        n = e.fluency_cases or len(cases)
         fl = evaluate_counterfact(cfg, params, tokenizer, list(cases)[:n], batch_size=bs, fluency=True,
-                                  generation_seed=seed, max_out_len=int(c.eval.max_out_len), reference_stats=ref,
+                                  generation_seed=seed, max_out_len=e.max_out_len,
+                                  reference_stats=e.reference_stats or None,
                                   chat=chat)
         out["summary"]["fluency"] = fl["summary"].get("fluency")
         out["summary"]["consistency"] = fl["summary"].get("consistency")
@@ -462,10 +427,10 @@ def evaluate_cases(c: Any, kind: str, cfg: ModelConfig, params: Any, tokenizer: 
     return out
 
 
-def _glue_enabled(c: Any) -> bool:
-    every = int(_get(c, "eval.glue_every", -1))
-    d = _get(c, "eval.glue_dir", "")
-    if every < 0:
+def _glue_enabled(c: RunConfig) -> bool:
+    """``eval.glue_every`` >= 0 and ``eval.glue_dir`` present (a warning says when it is absent)."""
+    d = c.eval.glue_dir
+    if c.eval.glue_every < 0:
         return False
     if not d or not Path(d).expanduser().is_dir():
         log.warning("GLUE evaluation skipped: directory %r not found (config.eval.glue_dir)", d)
@@ -473,13 +438,12 @@ def _glue_enabled(c: Any) -> bool:
     return True
 
 
-def _glue(c: Any, cfg: ModelConfig, params: Any, tokenizer: Any) -> dict[str, Any]:
+def _glue(c: RunConfig, cfg: ModelConfig, params: Any, tokenizer: Any) -> dict[str, Any]:
     from metake_jax.evaluate import evaluate_glue
 
     e = c.eval
-    return evaluate_glue(cfg, params, tokenizer, data_dir=Path(e.glue_dir).expanduser(),
-                         tasks=tuple(e.glue_tasks), n=int(e.glue_n), batch_size=int(e.batch_size),
-                         generation=bool(e.glue_generation))
+    return evaluate_glue(cfg, params, tokenizer, data_dir=Path(e.glue_dir).expanduser(), tasks=e.glue_tasks,
+                         n=e.glue_n, batch_size=e.batch_size, generation=e.glue_generation)
 
 
 def _glue_summary(res: dict[str, Any] | None) -> dict[str, Any]:
@@ -496,23 +460,11 @@ def _batch_summary(kind: str, ev: dict[str, Any]) -> dict[str, Any]:
     return {k: s.get(k) for k in keys}
 
 
-# ============================================================================ the run
+# ============================================================================ the run, in stages
 
 
-def _set_edited_kernels(params: Any, layers: Sequence[int], kernels: Any) -> Any:
-    """A copy of ``params`` whose fc_out kernels at ``layers`` are ``kernels`` (m, d_k, d)."""
-    try:
-        return with_w_out(params, tuple(layers), kernels)
-    except ValueError as e:
-        raise RunError(f"checkpoint kernels: {e} (another model?)") from e
-
-
-def _edited_kernels(params: Any, layers: Sequence[int]) -> np.ndarray:
-    return np.asarray(w_out(params, tuple(layers)))
-
-
-def _progress(c: Any, total: int, initial: int, desc: str):
-    if not bool(_get(c, "progress", True)):
+def _progress(c: RunConfig, total: int, initial: int, desc: str):
+    if not c.progress:
         return None
     try:
         from tqdm.auto import tqdm
@@ -539,178 +491,246 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
-    """Run the sequential protocol for config ``c``; returns the results dict (also results.json).
+def _config_json(c: RunConfig) -> dict[str, Any]:
+    """The run's config as JSON data (results.json, checkpoint meta), in the ConfigDict layout."""
+    return json.loads(json.dumps(c.to_dict(), default=_json_default))
 
-    Every user error — config (``RunError``), data / request (``RequestError``,
-    ``DataUnavailableError``), model (``ConversionError``), a checkpoint that does not match —
-    is raised before anything is written to ``run_dir``.
-    """
-    hooks = hooks or RunHooks()
-    t_start = time.perf_counter()
-    run_dir = Path(str(c.run_dir)).expanduser().absolute()
-    ecfg = edit_config(c)
-    layers = ecfg.layers
-    seed = int(_get(c, "seed", 0))
-    resume = bool(_get(c, "resume", False))
-    bs = int(c.batch_size)
-    if bs < 1:
-        raise RunError(f"config.batch_size must be >= 1, got {bs}")
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """The checkpoint a resumed run continues from (checked against the config in ``setup``)."""
+
+    step: int  # batches done
+    n_done: int  # cases done
+    kernels: np.ndarray  # (m, d_key, d_model) edited layers' fc_out kernels
+    Cp: np.ndarray  # (m, d_key, d_key)
+    batch_log: list[dict[str, Any]]
+    glue_log: list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """Everything the run needs before its first write: the output of ``setup``."""
+
+    config: RunConfig
+    edit: EditConfig
+    run_dir: Path
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    model_id: str
+    cases: list[Case]
+    batches: list[list[Case]]  # consecutive batches of ≤ batch_size cases
+    chat: ChatFormat | None
+    templates: list[list[str]]
+    write_templates: Callable[[], None] | None  # stores newly sampled templates (None: nothing to store)
+    data_sha: str  # cases_digest(cases)
+    fingerprint: dict[str, Any]  # what a checkpoint must match to be resumed
+    restored: Restored | None  # the checkpoint to continue from (resume=True and one exists)
+    wall: dict[str, float]  # seconds per part so far
+
+    @property
+    def kind(self) -> str:
+        return self.cases[0].kind  # "counterfact" | "zsre"
+
+    @property
+    def ids(self) -> list[Any]:
+        return [x.case_id for x in self.cases]
+
+    @property
+    def ckdir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def _restore(c: RunConfig, ckdir: Path, fp: dict[str, Any], ids: list[Any]) -> Restored | None:
+    """The latest checkpoint in ``ckdir`` if it matches the config and cases (RunError otherwise)."""
+    old = RunCheckpointer(ckdir) if ckdir.is_dir() else None
+    step = None
+    if old is not None:
+        step = old.latest()
+        arrays, meta = old.restore(step) if step is not None else (None, None)
+        old.close()
+    if step is None:
+        log.warning("resume=True but no checkpoint in %s: starting from the base model", ckdir)
+        return None
+    bad = _resume_diff(fp, meta.get("fingerprint", {}))
+    if bad:
+        raise RunError("cannot resume from " + str(ckdir / str(step)) + ": the config differs from "
+                       "the checkpointed run in " + "; ".join(bad[:6]))
+    n_done = int(meta["n_done"])
+    if meta["case_ids_done"] != ids[:n_done] or step != meta["batches_done"]:
+        raise RunError(f"cannot resume from {ckdir / str(step)}: its edited case ids do not match the selected cases")
+    # arrays["rng"] of older checkpoints (a key the stream never used) is ignored
+    return Restored(step=int(step), n_done=n_done, kernels=arrays["kernels"], Cp=arrays["Cp"],
+                    batch_log=list(meta["batch_log"]), glue_log=list(meta["glue_log"]))
+
+
+def setup(c: RunConfig) -> RunSetup:
+    """Stage 1: model, cases, templates, every input row, and (resume) the checkpoint — all checked
+    before anything is written.  Raises ``RunError`` / ``ConfigError``, ``RequestError``,
+    ``DataUnavailableError``, ``ConversionError``."""
     wall: dict[str, float] = {}
-
-    # -- model, cases, templates: everything checked before the first write
+    ecfg = edit_config(c)
+    run_dir = Path(c.run_dir).expanduser().absolute()
     t = time.perf_counter()
-    cfg, params, tok = load_model_spec(c.model, dtype=str(c.dtype), seed=seed, remat=bool(_get(c, "remat", False)))
-    if max(layers) >= cfg.n_layers:
-        raise RunError(f"config.layers={layers}: the model has {cfg.n_layers} layers")
-    model_id = _get(c, "model_id") or model_id_for(c.model, cfg, seed, str(c.dtype))
+    cfg, params, tok = load_model_spec(c.model, dtype=c.dtype, seed=c.seed, remat=c.remat)
+    if max(ecfg.layers) >= cfg.n_layers:
+        raise ConfigError(f"config.layers={ecfg.layers}: the model has {cfg.n_layers} layers")
+    model_id = c.model_id or model_id_for(c.model, cfg, c.seed, c.dtype)
     wall["load_model"] = time.perf_counter() - t
     log.info("model %s (%s, %d layers, d=%d, d_k=%d)", c.model, cfg.family, cfg.n_layers, cfg.d_model, cfg.d_ff)
 
     cases = load_run_cases(c, tok)
     chat = chat_of(c, tok)
-    kind = cases[0].kind
-    ids = [x.case_id for x in cases]
+    bs = c.batch_size
     batches = [cases[i:i + bs] for i in range(0, len(cases), bs)]
-    log.info("%d %s cases in %d batches of <= %d; method %s%s", len(cases), kind, len(batches), bs, c.method,
-             " (chat prompts)" if chat is not None else "")
+    log.info("%d %s cases in %d batches of <= %d; method %s%s", len(cases), cases[0].kind, len(batches), bs,
+             c.method, " (chat prompts)" if chat is not None else "")
 
     t = time.perf_counter()
     templates, write_templates = _templates(c, cfg, params, tok, run_dir, model_id)
     wall["templates"] = time.perf_counter() - t
     check_inputs(c, cfg, tok, cases, templates, chat)
     data_sha = cases_digest(cases)
-
-    ckdir = run_dir / "checkpoints"
     fp = {**_fingerprint(c), "data_sha256": data_sha}
-    restored = None
-    if resume:
-        step, old = None, RunCheckpointer(ckdir) if ckdir.is_dir() else None
-        if old is not None:
-            step = old.latest()
-            arrays, meta = old.restore(step) if step is not None else (None, None)
-            old.close()
-        if step is None:
-            log.warning("resume=True but no checkpoint in %s: starting from the base model", ckdir)
-        else:
-            bad = _resume_diff(fp, meta.get("fingerprint", {}))
-            if bad:
-                raise RunError("cannot resume from " + str(ckdir / str(step)) + ": the config differs from "
-                               "the checkpointed run in " + "; ".join(bad[:6]))
-            n_done = int(meta["n_done"])
-            if meta["case_ids_done"] != ids[:n_done] or step != meta["batches_done"]:
-                raise RunError(f"cannot resume from {ckdir / str(step)}: its edited case ids do not match "
-                               "the selected cases")
-            restored = (step, arrays, meta)
+    ids = [x.case_id for x in cases]
+    restored = _restore(c, run_dir / "checkpoints", fp, ids) if c.resume else None
+    return RunSetup(config=c, edit=ecfg, run_dir=run_dir, cfg=cfg, params=params, tokenizer=tok, model_id=model_id,
+                    cases=cases, batches=batches, chat=chat, templates=templates, write_templates=write_templates,
+                    data_sha=data_sha, fingerprint=fp, restored=restored, wall=wall)
 
-    # -- statistics (their cache lives outside run_dir)
+
+def statistics(s: RunSetup) -> tuple[EditState, list[int] | None]:
+    """Stage 2: C0 of the edited layers (cached outside ``run_dir``) → the fresh ``EditState`` with the
+    statistics the editor ``needs`` (P and / or C0; C_p = 0) and the projector ranks (None without P)."""
+    c = s.config
     t = time.perf_counter()
-    C0 = layer_statistics(c, cfg, params, tok, model_id)
+    C0 = layer_statistics(c, s.cfg, s.params, s.tokenizer, s.model_id)
     P, ranks = None, None
-    if "P" in ecfg.editor.needs:
+    if "P" in s.edit.editor.needs:
         from metake_jax.projector import projectors_for_layers
 
-        energy = _get(c, "editor.energy")
-        P, ranks = projectors_for_layers(C0, threshold=float(c.editor.nullspace_threshold),
-                                         energy=None if energy is None else float(energy), layers=layers)
-        ranks = [int(r) for r in ranks]
-        log.info("null-space projector ranks %s of d_k=%d", ranks, cfg.d_ff)
-    wall["statistics"] = time.perf_counter() - t
-    log.info("templates %.1fs, statistics + projectors %.1fs", wall["templates"], wall["statistics"])
-    state = init_state(params, cfg, layers, P=P, C0=C0 if "C0" in ecfg.editor.needs else None)
-    del C0
-    run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked
-    if write_templates is not None:
-        write_templates()
+        P, r = projectors_for_layers(C0, threshold=c.editor.nullspace_threshold, energy=c.editor.energy,
+                                     layers=s.edit.layers)
+        ranks = [int(x) for x in r]
+        log.info("null-space projector ranks %s of d_k=%d", ranks, s.cfg.d_ff)
+    s.wall["statistics"] = time.perf_counter() - t
+    log.info("templates %.1fs, statistics + projectors %.1fs", s.wall["templates"], s.wall["statistics"])
+    state = init_state(s.params, s.cfg, s.edit.layers, P=P, C0=C0 if "C0" in s.edit.editor.needs else None)
+    return state, ranks
 
-    # -- pre-edit evaluation and GLUE on the base model (cached in run_dir under the run's
-    #    fingerprint: resume does not redo them, another model / data / setting does)
-    pre_path, glue_base_path = run_dir / "eval_pre.json", run_dir / "glue" / "base.json"
+
+@dataclasses.dataclass(frozen=True)
+class BaseEval:
+    """The unedited model's results: the output of ``evaluate_base``."""
+
+    pre: dict[str, Any] | None  # summary of all cases (None: eval.pre=False)
+    pre_argmax: list | None  # ZsRE: the base model's neighborhood argmax tokens (specificity reference)
+    glue_base: dict[str, Any] | None  # GLUE on the base model (None: GLUE off)
+
+
+def evaluate_base(s: RunSetup) -> BaseEval:
+    """Stage 3: pre-edit evaluation and GLUE on the base model, cached in ``run_dir`` under the run's
+    fingerprint (resume does not redo them; another model / data / setting does)."""
+    c, t = s.config, time.perf_counter()
+    pre_path, glue_base_path = s.run_dir / "eval_pre.json", s.run_dir / "glue" / "base.json"
     pre_argmax = None
-    t = time.perf_counter()
-    if kind == "zsre" and (bool(_get(c, "eval.final", True)) or bool(_get(c, "eval.batch", True))):
+    if s.kind == "zsre" and (c.eval.final or c.eval.batch):
         from metake_jax.evaluate import neighborhood_argmax
 
-        pre_argmax = neighborhood_argmax(cfg, params, tok, cases, batch_size=int(c.eval.batch_size), chat=chat)
+        pre_argmax = neighborhood_argmax(s.cfg, s.params, s.tokenizer, s.cases, batch_size=c.eval.batch_size,
+                                         chat=s.chat)
     pre = None
-    if bool(_get(c, "eval.pre", True)):
-        pre_key = _eval_cache_key(c, model_id, data_sha, templates, ids)
+    if c.eval.pre:
+        pre_key = _eval_cache_key(c, s.model_id, s.data_sha, s.templates, s.ids)
         cached = _cached(pre_path, pre_key)
         if cached is not None:
             pre = cached["summary"]
         else:
-            ev = evaluate_cases(c, kind, cfg, params, tok, cases, pre_argmax=pre_argmax,
-                                fluency=bool(_get(c, "eval.fluency", False)), seed=seed, chat=chat)
+            ev = evaluate_cases(c, s.kind, s.cfg, s.params, s.tokenizer, s.cases, pre_argmax=pre_argmax,
+                                fluency=c.eval.fluency, seed=c.seed, chat=s.chat)
             pre = ev["summary"]
-            _json_dump(pre_path, {"key": pre_key, "case_ids": ids, **ev})
-    glue_on = _glue_enabled(c)
+            _json_dump(pre_path, {"key": pre_key, "case_ids": s.ids, **ev})
     glue_base = None
-    if glue_on:
-        glue_key = _glue_cache_key(c, model_id)
+    if _glue_enabled(c):
+        glue_key = _glue_cache_key(c, s.model_id)
         glue_base = _cached(glue_base_path, glue_key)
         if glue_base is None:
             glue_base_path.parent.mkdir(exist_ok=True)
-            glue_base = {"key": glue_key, **_glue(c, cfg, params, tok)}
+            glue_base = {"key": glue_key, **_glue(c, s.cfg, s.params, s.tokenizer)}
             _json_dump(glue_base_path, glue_base)
-    wall["pre_eval"] = time.perf_counter() - t
-    log.info("pre-edit evaluation%s: %.1fs", " + GLUE" if glue_on else "", wall["pre_eval"])
+    s.wall["pre_eval"] = time.perf_counter() - t
+    log.info("pre-edit evaluation%s: %.1fs", " + GLUE" if glue_base is not None else "", s.wall["pre_eval"])
+    return BaseEval(pre=pre, pre_argmax=pre_argmax, glue_base=glue_base)
 
-    # -- checkpoint: fresh or resume
-    if not resume and ckdir.exists():
-        log.info("resume=False: removing old checkpoints in %s", ckdir)
-        shutil.rmtree(ckdir)
-    ckpt = RunCheckpointer(ckdir, keep=int(_get(c, "keep_checkpoints", 2)))
-    key = jax.random.PRNGKey(seed)
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """The edited state after the last batch: the output of ``stream``."""
+
+    state: EditState
+    batch_log: list[dict[str, Any]]  # one entry per batch (case ids, timings, losses, efficacy)
+    glue_log: list[dict[str, Any]]  # GLUE summaries: base, every k batches
+    start: int  # batches restored from the checkpoint (0: fresh run)
+
+
+def stream(s: RunSetup, state: EditState, base: BaseEval, hooks: RunHooks | None = None) -> Stream:
+    """Stage 4: the sequential batches on top of ``state`` (or of the restored checkpoint), a checkpoint
+    after each; raises ``RunError`` naming the batch that failed (the state before it is kept)."""
+    c, hooks, layers, bs = s.config, hooks or RunHooks(), s.edit.layers, s.config.batch_size
+    if not c.resume and s.ckdir.exists():
+        log.info("resume=False: removing old checkpoints in %s", s.ckdir)
+        shutil.rmtree(s.ckdir)
+    ckpt = RunCheckpointer(s.ckdir, keep=c.keep_checkpoints)
+    glue_on = base.glue_base is not None
     batch_log: list[dict[str, Any]] = []
-    glue_log: list[dict[str, Any]] = []
-    if glue_on:
-        glue_log.append({"batches": 0, "n_edits": 0, "tasks": _glue_summary(glue_base)})
+    glue_log: list[dict[str, Any]] = [{"batches": 0, "n_edits": 0, "tasks": _glue_summary(base.glue_base)}] \
+        if glue_on else []
     start = 0
-    if restored is not None:
-        step, arrays, meta = restored
-        n_done = int(meta["n_done"])
-        state = EditState(params=_set_edited_kernels(state.params, layers, arrays["kernels"]),
-                          stats=state.stats._replace(Cp=jnp.asarray(arrays["Cp"])), n_edits=n_done)
-        key = jnp.asarray(arrays["rng"], jnp.uint32)  # legacy uint32 PRNGKey data
-        batch_log, glue_log, start = list(meta["batch_log"]), list(meta["glue_log"]), int(step)
-        log.info("resumed from checkpoint %d (%d cases edited)", step, n_done)
+    if s.restored is not None:
+        r = s.restored
+        try:
+            params = with_w_out(state.params, layers, r.kernels)
+        except ValueError as e:
+            raise RunError(f"checkpoint kernels: {e} (another model?)") from e
+        state = EditState(params=params, stats=state.stats._replace(Cp=jnp.asarray(r.Cp)), n_edits=r.n_done)
+        batch_log, glue_log, start = list(r.batch_log), list(r.glue_log), r.step
+        log.info("resumed from checkpoint %d (%d cases edited)", r.step, r.n_done)
 
-    # -- the sequential edit loop
-    bar = _progress(c, len(batches), start, f"{c.method} edits")
-    every = int(_get(c, "eval.glue_every", -1))
-    for b in range(start, len(batches)):
-        reqs = [x.request for x in batches[b]]
-        bids = [x.case_id for x in batches[b]]
-        key, sub = jax.random.split(key)
+    n = len(s.batches)
+    bar = _progress(c, n, start, f"{c.method} edits")
+    for b in range(start, n):
+        reqs = [x.request for x in s.batches[b]]
+        bids = [x.case_id for x in s.batches[b]]
         try:
             # every batch (the last, partial one too) is padded to the batch size: one compiled shape
-            new_state, report = edit_batch(cfg, state, tok, reqs, templates, ecfg, n_pad=bs, chat=chat)
+            new_state, report = edit_batch(s.cfg, state, s.tokenizer, reqs, s.templates, s.edit, n_pad=bs,
+                                           chat=s.chat)
         except (EditError, RequestError) as e:
             if bar is not None:
                 bar.close()
-            raise RunError(f"batch {b + 1}/{len(batches)} (case ids {bids}) failed: {e}. Nothing of this batch "
-                           f"was written; the run state after {b} batch(es) is in {ckdir} "
+            raise RunError(f"batch {b + 1}/{n} (case ids {bids}) failed: {e}. Nothing of this batch "
+                           f"was written; the run state after {b} batch(es) is in {s.ckdir} "
                            f"(fix the cause and rerun with --config.resume=True)") from e
         state = new_state
         entry: dict[str, Any] = {"batch": b + 1, "case_ids": bids, "n_edits": state.n_edits, **report.summary()}
         t = time.perf_counter()
-        if bool(_get(c, "eval.batch", True)):
-            sub_arg = None if pre_argmax is None else pre_argmax[b * bs:b * bs + len(bids)]
-            entry["eval"] = _batch_summary(kind, evaluate_cases(c, kind, cfg, state.params, tok, batches[b],
-                                                                pre_argmax=sub_arg, chat=chat))
-        if glue_on and every > 0 and (b + 1) % every == 0:
-            res = _glue(c, cfg, state.params, tok)
-            _json_dump(run_dir / "glue" / f"after_batch{b + 1}.json", res)
+        if c.eval.batch:
+            sub_arg = None if base.pre_argmax is None else base.pre_argmax[b * bs:b * bs + len(bids)]
+            entry["eval"] = _batch_summary(s.kind, evaluate_cases(c, s.kind, s.cfg, state.params, s.tokenizer,
+                                                                  s.batches[b], pre_argmax=sub_arg, chat=s.chat))
+        if glue_on and c.eval.glue_every > 0 and (b + 1) % c.eval.glue_every == 0:
+            res = _glue(c, s.cfg, state.params, s.tokenizer)
+            _json_dump(s.run_dir / "glue" / f"after_batch{b + 1}.json", res)
             glue_log.append({"batches": b + 1, "n_edits": state.n_edits, "tasks": _glue_summary(res)})
         entry["timings"]["eval"] = round(time.perf_counter() - t, 4)
         entry.update(_peak_memory())
         batch_log.append(entry)
         t = time.perf_counter()
-        ckpt.save(b + 1, {"kernels": _edited_kernels(state.params, layers), "Cp": np.asarray(state.stats.Cp),
-                          "rng": np.asarray(key)},
-                  {"batches_done": b + 1, "n_done": state.n_edits, "case_ids_done": ids[:b * bs + len(bids)],
-                   "batch_log": batch_log, "glue_log": glue_log, "fingerprint": fp, "model_id": model_id,
-                   "config": json.loads(c.to_json_best_effort()) if hasattr(c, "to_json_best_effort") else {}})
+        ckpt.save(b + 1, {"kernels": np.asarray(w_out(state.params, layers)), "Cp": np.asarray(state.stats.Cp)},
+                  {"batches_done": b + 1, "n_done": state.n_edits, "case_ids_done": s.ids[:b * bs + len(bids)],
+                   "batch_log": batch_log, "glue_log": glue_log, "fingerprint": s.fingerprint,
+                   "model_id": s.model_id, "config": _config_json(c)})
         entry["timings"]["checkpoint"] = round(time.perf_counter() - t, 4)
         if bar is not None:
             post = {"edits": state.n_edits, "s/batch": f"{report.timings['total']:.1f}"}
@@ -719,55 +739,83 @@ def run(c: Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
             bar.set_postfix(post)
             bar.update(1)
         else:
-            log.info("batch %d/%d: %d edits, %.1fs", b + 1, len(batches), state.n_edits, report.timings["total"])
+            log.info("batch %d/%d: %d edits, %.1fs", b + 1, n, state.n_edits, report.timings["total"])
         if hooks.after_checkpoint is not None:
             hooks.after_checkpoint(b + 1, state)
     if bar is not None:
         bar.close()
     ckpt.close()
+    return Stream(state=state, batch_log=batch_log, glue_log=glue_log, start=start)
 
-    # -- final evaluation, results
-    t = time.perf_counter()
+
+def evaluate_final(s: RunSetup, st: Stream, base: BaseEval) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Stage 5a: all cases on the final model (``eval_post.json``) and the final GLUE point →
+    (post summary or None, the GLUE log with the final point)."""
+    c, t, glue_log = s.config, time.perf_counter(), list(st.glue_log)
     post = None
-    if bool(_get(c, "eval.final", True)):
-        ev = evaluate_cases(c, kind, cfg, state.params, tok, cases, pre_argmax=pre_argmax,
-                            fluency=bool(_get(c, "eval.fluency", False)), seed=seed, chat=chat)
+    if c.eval.final:
+        ev = evaluate_cases(c, s.kind, s.cfg, st.state.params, s.tokenizer, s.cases, pre_argmax=base.pre_argmax,
+                            fluency=c.eval.fluency, seed=c.seed, chat=s.chat)
         post = ev["summary"]
-        _json_dump(run_dir / "eval_post.json", {"case_ids": ids, **ev})
-    if glue_on and (not glue_log or glue_log[-1]["batches"] != len(batches)):
-        res = _glue(c, cfg, state.params, tok)
-        _json_dump(run_dir / "glue" / "final.json", res)
-        glue_log.append({"batches": len(batches), "n_edits": state.n_edits, "tasks": _glue_summary(res)})
-    wall["final_eval"] = time.perf_counter() - t
+        _json_dump(s.run_dir / "eval_post.json", {"case_ids": s.ids, **ev})
+    if base.glue_base is not None and (not glue_log or glue_log[-1]["batches"] != len(s.batches)):
+        res = _glue(c, s.cfg, st.state.params, s.tokenizer)
+        _json_dump(s.run_dir / "glue" / "final.json", res)
+        glue_log.append({"batches": len(s.batches), "n_edits": st.state.n_edits, "tasks": _glue_summary(res)})
+    s.wall["final_eval"] = time.perf_counter() - t
+    return post, glue_log
 
-    if _get(c, "export_hf", ""):
+
+def outputs(s: RunSetup, st: Stream, base: BaseEval, post: dict[str, Any] | None, glue_log: list[dict[str, Any]],
+            ranks: list[int] | None, t_start: float) -> dict[str, Any]:
+    """Stage 5b: optional HF export, results.json, edit_log.jsonl, results.md and plots → the results dict."""
+    c = s.config
+    if c.export_hf:
         from models.convert import export_hf
 
         t = time.perf_counter()
-        out = export_hf(Path(str(c.export_hf)).expanduser(), cfg, state.params, tok)
-        wall["export_hf"] = time.perf_counter() - t
+        out = export_hf(Path(c.export_hf).expanduser(), s.cfg, st.state.params, s.tokenizer)
+        s.wall["export_hf"] = time.perf_counter() - t
         log.info("edited model exported to %s", out)
-
-    wall["total"] = time.perf_counter() - t_start
+    s.wall["total"] = time.perf_counter() - t_start
     results = {
-        "method": c.method, "model": str(c.model), "model_id": model_id, "kind": kind,
-        "n_cases": len(cases), "batch_size": bs, "n_batches": len(batches), "layers": list(layers),
-        "resumed_from_batch": start if bool(_get(c, "resume", False)) else None,
-        "projector_ranks": ranks, "pre": pre, "post": post, "batches": batch_log, "glue": glue_log,
-        "wall_s": {k: round(v, 2) for k, v in wall.items()}, "memory": _peak_memory(),
-        "device": str(jax.devices()[0]), "config": json.loads(c.to_json_best_effort())
-        if hasattr(c, "to_json_best_effort") else None,
+        "method": c.method, "model": c.model, "model_id": s.model_id, "kind": s.kind,
+        "n_cases": len(s.cases), "batch_size": c.batch_size, "n_batches": len(s.batches), "layers": list(s.edit.layers),
+        "resumed_from_batch": st.start if c.resume else None,
+        "projector_ranks": ranks, "pre": base.pre, "post": post, "batches": st.batch_log, "glue": glue_log,
+        "wall_s": {k: round(v, 2) for k, v in s.wall.items()}, "memory": _peak_memory(),
+        "device": str(jax.devices()[0]), "config": _config_json(c),
     }
-    _json_dump(run_dir / "results.json", results)
-    with open(run_dir / "edit_log.jsonl", "w") as f:
-        for e in batch_log:
+    _json_dump(s.run_dir / "results.json", results)
+    with open(s.run_dir / "edit_log.jsonl", "w") as f:
+        for e in st.batch_log:
             f.write(json.dumps({"batch": e["batch"], "case_ids": e["case_ids"], "n_edits": e["n_edits"]},
                                default=_json_default) + "\n")
     from metake_jax.report import write_plots, write_results_md
 
-    write_results_md(run_dir / "results.md", results)
+    write_results_md(s.run_dir / "results.md", results)
     try:
-        write_plots(run_dir / "plots", results)
+        write_plots(s.run_dir / "plots", results)
     except Exception as e:  # noqa: BLE001 - plots are a convenience; never lose a finished run over them
         log.warning("plots not written: %s", e)
     return results
+
+
+def run(config: RunConfig | Any, *, hooks: RunHooks | None = None) -> dict[str, Any]:
+    """Run the sequential protocol for ``config`` (a RunConfig or a ConfigDict, validated once); returns
+    the results dict (also results.json).
+
+    Every user error — config (``ConfigError`` / ``RunError``), data / request (``RequestError``,
+    ``DataUnavailableError``), model (``ConversionError``), a checkpoint that does not match —
+    is raised before anything is written to ``run_dir``.
+    """
+    t_start = time.perf_counter()
+    s = setup(RunConfig.of(config))
+    state, ranks = statistics(s)
+    s.run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked
+    if s.write_templates is not None:
+        s.write_templates()
+    base = evaluate_base(s)
+    st = stream(s, state, base, hooks)
+    post, glue_log = evaluate_final(s, st, base)
+    return outputs(s, st, base, post, glue_log, ranks, t_start)

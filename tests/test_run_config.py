@@ -99,3 +99,31 @@ def test_bad_field_names_it(field, value, message):
     with pytest.raises(ConfigError, match=message) as e:
         RunConfig.of(d)
     assert isinstance(e.value, RunError) and "\n" not in str(e.value)  # a user error of launch._common: one line
+
+
+def test_unknown_method_is_a_config_error():
+    from configs import tiny_cf
+    from metake_jax.runner import edit_config
+
+    c = tiny_cf.get_config()
+    c.method = "rome"
+    with pytest.raises(ConfigError, match=r"^config\.method='rome' is not one of memit, alphaedit, metake"):
+        edit_config(c)
+
+
+def test_method_ablations_fix_metake_fields():
+    """The method table: each MetaKE ablation overrides exactly its field of the config's metake section;
+    the method's editor is the config's editor.<name> section."""
+    from metake_jax.methods import ABLATIONS
+    from metake_jax.runner import edit_config
+
+    rc = RunConfig.of({"method": "metake", "metake": {"steps": 7, "lr": 0.01}})
+    assert edit_config(rc).metake == rc.metake and edit_config(dataclasses.replace(rc, method="memit")).metake is None
+    assert edit_config(rc).editor == rc.editor.alphaedit
+    rm = RunConfig.of({"method": "memit", "editor": {"memit": {"mom2_update_weight": 2e4, "layers": [1, 2]}}})
+    assert edit_config(rm).editor == rc.editor.memit.__class__(mom2_update_weight=2e4, layers=(1, 2))
+    assert edit_config(rm).layers == (1, 2)  # the editor's own layers override the run's
+    for method, fixed in ABLATIONS.items():
+        got = edit_config(dataclasses.replace(rc, method=method)).metake
+        assert got == dataclasses.replace(rc.metake, **fixed)
+        assert {f: getattr(got, f) for f in fixed} == fixed

@@ -61,7 +61,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, stats_dir, monkeypatch):
         if done == 2:
             raise _Stop()
 
-    with pytest.raises(_Stop):
+    # ... writing checkpoints in the older format, with the run RNG key the stream never used
+    real_save = runner.RunCheckpointer.save
+
+    def old_format_save(self, step, arrays, meta):
+        real_save(self, step, {**arrays, "rng": np.array([0, 7], np.uint32)}, meta)
+
+    with monkeypatch.context() as m, pytest.raises(_Stop):
+        m.setattr(runner.RunCheckpointer, "save", old_format_save)
         runner.run(_tiny(tmp_path, "resumed", stats_dir), hooks=runner.RunHooks(after_checkpoint=stop_after_2))
     assert sorted(part) == [1, 2]
 
@@ -179,3 +186,32 @@ def test_fingerprint_default_precision_matches_older_checkpoints():
     c.stats.precision = "tf32"  # refused at config time, naming the field
     with pytest.raises(runner.RunError, match=r"config.stats.precision='tf32' is not one of highest, high, default"):
         runner.edit_config(c)
+
+
+def _legacy_fingerprint(d: dict) -> dict:
+    """The fingerprint as the ConfigDict-based runner computed it (before RunConfig): the oracle for
+    checkpoints written by older versions."""
+    keep = ("model", "dtype", "data", "method", "batch_size", "layers", "stage1", "editor", "metake", "stats",
+            "templates", "seed")
+    fp = json.loads(json.dumps({k: d.get(k) for k in keep}, default=str))
+    if not str(fp.get("method", "")).startswith("metake"):
+        fp.pop("metake", None)
+    for path, default in {"stats.precision": "highest", "data.chat": False}.items():
+        section, leaf = path.split(".")
+        if fp[section].get(leaf) == default:
+            del fp[section][leaf]
+    return fp
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__"))
+def test_fingerprint_resumes_checkpoints_of_the_configdict_runner(name):
+    """A checkpoint whose fingerprint the ConfigDict-based runner wrote resumes under the typed config
+    (same fields, same layout), for every shipped config and a MetaKE variant; a changed field does not."""
+    c = importlib.import_module(f"configs.{name}").get_config()
+    for method in (c.method, "metake_keyonly"):
+        c.method = method
+        stored = _legacy_fingerprint(c.to_dict())
+        assert runner._resume_diff(runner._fingerprint(c), stored) == []
+    c.metake.weights.anchor = 0.5
+    assert runner._resume_diff(runner._fingerprint(c), stored) == [
+        "metake.weights.anchor: checkpoint 1.0 vs config 0.5"]
