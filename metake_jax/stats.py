@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 from metake_jax.errors import StatsMissingError
 from metake_jax.sharding import batch_sharding, mesh_size, pad_to_multiple, replicated
 from models.config import ModelConfig
+from models.generate import bucket_length
 from models.interface import forward
 
 Array = jax.Array
@@ -56,7 +57,7 @@ Batch = tuple[np.ndarray, np.ndarray]  # tokens (B, T) int32, mask (B, T) bool
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CorpusError", "CorpusSpec", "SEED_PROMPTS", "accumulate_second_moment", "bucket_length",
+    "CorpusError", "CorpusSpec", "SEED_PROMPTS", "accumulate_second_moment",
     "corpus_from_datasets", "corpus_from_files", "corpus_from_model", "corpus_id", "layer_stats",
     "load_corpus", "load_layer_stats", "make_batches", "second_moment_step", "stats_key", "stats_path",
     "tokenize_corpus",
@@ -164,13 +165,6 @@ def accumulate_second_moment(
 # ============================================================================= bucketing
 
 
-def bucket_length(n: int, max_len: int, min_len: int = 16) -> int:
-    """Padded length of a document of ``n`` tokens: next power of two (≥ min_len), capped at max_len."""
-    t = max(n, min_len, 1)
-    p = 1 << (t - 1).bit_length()
-    return min(p, max_len) if n <= max_len else max_len
-
-
 def _round_rows(n: int, cap: int, multiple: int) -> int:
     p = 1 << max(n - 1, 0).bit_length()
     p = ((p + multiple - 1) // multiple) * multiple
@@ -196,7 +190,7 @@ def make_batches(
             continue
         if n > max_len:
             raise ValueError(f"document {i} has {n} tokens > max_len={max_len} (tokenize with truncation)")
-        groups.setdefault(bucket_length(n, max_len, min_len), []).append(i)
+        groups.setdefault(bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len), []).append(i)
     batches: list[Batch] = []
     for T in sorted(groups):
         idx = sorted(groups[T], key=lambda i: (-len(token_lists[i]), i))

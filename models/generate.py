@@ -38,7 +38,7 @@ from models.layers import Context, make_context
 Array = jax.Array
 Params = dict[str, Any]
 
-__all__ = ["Generation", "generate", "generate_tokens", "sample_texts"]
+__all__ = ["Generation", "bucket_length", "generate", "generate_tokens", "sample_texts"]
 
 class Generation(NamedTuple):
     """tokens: (B, T0 + max_new_tokens) prompt followed by the new tokens.
@@ -55,11 +55,17 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def bucket_length(n: int) -> int:
-    """Prompt width bucket: powers of two from 8 up to 256, then multiples of 128."""
-    if n <= 256:
-        return max(8, _next_pow2(n))
-    return -(-n // 128) * 128
+def bucket_length(n: int, *, min_len: int = 8, max_len: int | None = None, pow2_until: int = 256,
+                  step: int = 128) -> int:
+    """Padded width of a row of ``n`` tokens (the one bucketing rule of the repo): the next power of two
+    ≥ ``min_len`` while ``n`` ≤ ``pow2_until``, then the next multiple of ``step``; never above
+    ``max_len`` when given.  Prompts (here): powers of two from 8 up to 256, then multiples of 128;
+    statistics documents (``metake_jax.stats.make_batches``): ``min_len=16, pow2_until=max_len``."""
+    if n <= pow2_until:
+        width = _next_pow2(max(n, min_len, 1))
+    else:
+        width = -(-n // step) * step
+    return width if max_len is None else min(width, max_len)
 
 
 def bucket_batch(n: int) -> int:

@@ -101,7 +101,19 @@ def test_make_batches_buckets():
     assert sorted(seen) == sorted(n for n in [1, 2, 15, 16, 17, 100, 128, 5])  # empty doc skipped
     with pytest.raises(ValueError, match="document 0 has 200 tokens"):
         S.make_batches([[1] * 200], max_len=128)
-    assert S.bucket_length(100, 96) == 96 and S.bucket_length(3, 96) == 16
+
+
+def test_bucket_length_one_rule():
+    """The one bucketing rule (models.generate.bucket_length) gives both callers' widths: the smallest
+    allowed width >= n, by brute force over the allowed sets."""
+    from models.generate import bucket_length
+
+    prompts = [2 ** k for k in range(3, 9)] + list(range(384, 2049, 128))  # generate: 8..256, then 128 steps
+    docs = [16, 32, 64, 96]  # make_batches with min_len=16, max_len=96: powers of two, capped at max_len
+    for n in range(1, 1025):
+        assert bucket_length(n) == min(w for w in prompts if w >= n), n
+        if n <= 96:
+            assert bucket_length(n, min_len=16, max_len=96, pow2_until=96) == min(w for w in docs if w >= n), n
 
 
 # ----------------------------------------------------------------------------- 8 devices
