@@ -13,7 +13,7 @@ import pytest
 
 from models import convert, load
 from models.convert import ConversionError
-from models.interface import forward
+from models.interface import forward, w_out, with_w_out
 from tests import hf_ckpt
 
 torch = pytest.importorskip("torch")
@@ -97,8 +97,8 @@ def test_export_round_trip(kind, tmp_path):
     model = hf_ckpt.build(kind, seed=7)
     cfg, params = convert.load_hf_checkpoint(str(hf_ckpt.save(model, tmp_path / "src")))
     # edit the weights so the export is not a copy of the source files
-    params = jax.tree.map(lambda x: x, params)
-    params["layers"]["mlp"]["fc_out"]["kernel"] = params["layers"]["mlp"]["fc_out"]["kernel"] * 1.5
+    every = tuple(range(cfg.n_layers))
+    params = with_w_out(params, every, w_out(params, every) * 1.5)
     out = convert.export_hf(tmp_path / "out", cfg, params)
     exported = json.loads((out / "config.json").read_text())
     assert exported["model_type"] == {"llama_tied": "llama", "llama_untied": "llama"}.get(kind, kind)
@@ -199,7 +199,7 @@ def test_error_bad_dtype(llama, tmp_path):
 
 def test_export_refuses_nan(llama, tmp_path):
     cfg, params = convert.load_hf_checkpoint(str(hf_ckpt.save(llama, tmp_path / "src")))
-    params["layers"]["mlp"]["fc_out"]["kernel"] = params["layers"]["mlp"]["fc_out"]["kernel"].at[1, 0, 0].set(jnp.nan)
+    params = with_w_out(params, (1,), w_out(params, (1,)).at[0, 0, 0].set(jnp.nan))
     with pytest.raises(ConversionError, match=r"layers/mlp/fc_out/kernel.*NaN"):
         convert.export_hf(tmp_path / "out", cfg, params)
     assert not (tmp_path / "out" / "model.safetensors").exists()
