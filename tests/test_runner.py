@@ -215,3 +215,31 @@ def test_fingerprint_resumes_checkpoints_of_the_configdict_runner(name):
     c.metake.weights.anchor = 0.5
     assert runner._resume_diff(runner._fingerprint(c), stored) == [
         "metake.weights.anchor: checkpoint 1.0 vs config 0.5"]
+
+
+# The fingerprint fields run checkpoints recorded when the typed config came in (RunConfig, at metake).
+_FINGERPRINT_FIELDS = {
+    "batch_size", "data.chat", "data.format", "data.n", "data.path", "data.seed", "dtype", "editor.energy",
+    "editor.l2", "editor.mom2_update_weight", "editor.nullspace_threshold", "editor.solve_dtype", "layers",
+    "metake.anchor", "metake.feedback", "metake.gate", "metake.line_search", "metake.lr", "metake.max_halvings",
+    "metake.prompts", "metake.steps", "metake.weights.anchor", "metake.weights.edit", "metake.weights.loc", "method",
+    "model", "seed", "stage1.clamp_norm_factor", "stage1.early_stop", "stage1.kl_factor", "stage1.lr",
+    "stage1.row_groups", "stage1.steps", "stage1.weight_decay", "stats.cache_dir", "stats.config", "stats.kind",
+    "stats.max_len", "stats.n_samples", "stats.name", "stats.paths", "stats.precision", "stats.seed", "stats.split",
+    "stats.token_budget", "templates.file", "templates.length", "templates.n_per_prompt", "templates.seed",
+}
+
+
+def test_new_fingerprinted_fields_keep_old_checkpoints_resumable():
+    """A field added to a fingerprinted section (stage1, editor, metake, stats, data, templates) must be
+    listed in runner._ADDED_LATER with the value older runs implied, else their checkpoints stop resuming."""
+    from metake_jax.run_config import RunConfig
+
+    def flat(d, prefix=""):
+        return {k for key, v in d.items() for k in (flat(v, f"{prefix}{key}.") if isinstance(v, dict)
+                                                     else {f"{prefix}{key}"})}
+
+    fp = flat({k: v for k, v in runner._fingerprint(RunConfig(method="metake")).items()})
+    new = fp - _FINGERPRINT_FIELDS - set(runner._ADDED_LATER)
+    assert not new, f"fingerprinted fields {sorted(new)}: add them to runner._ADDED_LATER (value older runs implied)"
+    assert _FINGERPRINT_FIELDS - set(runner._ADDED_LATER) <= fp  # nothing recorded before disappeared
