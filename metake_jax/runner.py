@@ -527,7 +527,7 @@ class RunSetup:
     data_sha: str  # cases_digest(cases)
     fingerprint: dict[str, Any]  # what a checkpoint must match to be resumed
     restored: Restored | None  # the checkpoint to continue from (resume=True and one exists)
-    wall: dict[str, float]  # seconds per part so far
+    wall: dict[str, float]  # seconds per part (load_model, templates, …): each stage adds its own entry
 
     @property
     def kind(self) -> str:
