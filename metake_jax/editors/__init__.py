@@ -19,6 +19,8 @@ from metake_jax.editors.base import Editor, LayerStats, NotGatedError, hyperpara
 EDITOR_MODULES: dict[str, str] = {
     "memit": "metake_jax.editors.memit",
     "alphaedit": "metake_jax.editors.alphaedit",
+    "rome": "metake_jax.editors.rome",
+    "emmet": "metake_jax.editors.emmet",
 }
 
 __all__ = ["EDITOR_MODULES", "Editor", "LayerStats", "NotGatedError", "build", "default_config", "get", "names"]
