@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from metake_jax.methods import methods, resolve
 from metake_jax.run_config import SHARED_DATA, RunConfig, data_path, to_config_dict
 
-__all__ = ["SHARED_DATA", "counterfact", "data_path", "get_config", "reference", "zsre"]
+__all__ = ["SHARED_DATA", "counterfact", "data_path", "get_config", "reference", "with_method", "zsre"]
 
 
 def get_config() -> ConfigDict:
@@ -44,6 +45,29 @@ def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max
     c.batch_size = 100  # sequential batches of 100 (docs/FORMULAS.md §9)
     c.remat = True  # GPT-J at batch 100: Stage I needs 127 GiB without it (bench/RESULTS.md, GPU)
     c.eval.glue_every = 5
+    return c
+
+
+def with_method(c: ConfigDict, method: str | None, presets: dict[str, dict[str, object]]) -> ConfigDict:
+    """``c`` set up for ``method`` with that method's reference hyper-parameters for this model.
+
+    ``presets`` (one table per paper-model config module, ``METHOD_PRESETS``): editor name ->
+    ``{dotted config field: value}`` (Stage I fields and ``editor.<name>.*``), applied for ``method`` and
+    for ``metake_<editor>``.  ``method`` None or "" leaves ``c`` as it is (the AlphaEdit/MEMIT reference);
+    an editor without a row (memit, alphaedit) needs none.  The run directory gets the method's name.
+    Used as ``--config=configs/gptj_cf.py:rome``.  Raises ValueError naming an unknown method."""
+    if not method:
+        return c
+    if method not in methods():
+        raise ValueError(f"config argument {method!r} is not a method (one of {', '.join(methods())})")
+    c.method = method
+    for field, value in presets.get(resolve(method).editor, {}).items():
+        node = c
+        *path, leaf = field.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    c.run_dir = f"{c.run_dir}_{method}"
     return c
 
 

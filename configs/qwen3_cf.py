@@ -7,9 +7,9 @@ Pass a local checkpoint with ``--config.model=/path/to/Qwen3-8B``.
 from configs import llama3_cf
 
 
-def get_config():
-    c = llama3_cf.get_config()
+def get_config(method=None):
+    c = llama3_cf.get_config(method)
     c.model = "Qwen/Qwen3-8B"
     c.stats.max_len = 4096  # AE / EE cap the statistics length at 4096 for Qwen models
-    c.run_dir = "runs/qwen3_cf"
+    c.run_dir = "runs/qwen3_cf" + (f"_{method}" if method else "")
     return c

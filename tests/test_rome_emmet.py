@@ -204,3 +204,37 @@ def test_rome_edit_reaches_the_target_on_a_tiny_model():
     assert np.abs(dk[[0, 1, 3]]).max() == 0 and np.abs(dk[2]).max() > 0
     assert np.linalg.matrix_rank(dk[2], tol=1e-6 * np.abs(dk[2]).max()) == 2
     assert rep2.stage1_steps.shape == (2,) and new2.n_edits == 2
+
+
+# ----------------------------------------------------------------------------- paper-model presets
+
+SPEC = {  # BASELINES.md §1 (ROME) and §7 (EMMET; Llama-3: the UM Llama-2 file): layer, steps, clamp, wd, extra
+    "gpt2xl": {"rome": (17, 20, 4.0, 0.5, {"mom2_adjustment": True}),
+               "emmet": (17, 20, 0.75, 0.5, {"mom2_update_weight": 1000.0, "emmet_lambda": 0.1})},
+    "gptj": {"rome": (5, 20, 4.0, 0.5, {"mom2_adjustment": True}),
+             "emmet": (5, 25, 0.75, 0.5, {"mom2_update_weight": 1.0, "emmet_lambda": 0.1})},
+    "llama3": {"rome": (5, 25, 4.0, 1e-3, {"mom2_adjustment": False}),
+               "emmet": (5, 25, 4.0, 1e-3, {"mom2_update_weight": 1.0, "emmet_lambda": 0.1})},
+}
+
+
+@pytest.mark.parametrize("model", sorted(SPEC))
+@pytest.mark.parametrize("data", ["cf", "zsre"])
+def test_paper_configs_take_the_method_as_argument(model, data):
+    import importlib
+
+    from metake_jax import runner
+
+    mod = importlib.import_module(f"configs.{model}_{data}")
+    plain = mod.get_config()
+    assert plain.method == "alphaedit" and plain.to_dict() == mod.get_config("").to_dict()
+    for method, (layer, steps, clamp, wd, extra) in SPEC[model].items():
+        for m in (method, f"metake_{method}"):
+            c = mod.get_config(m)
+            ecfg = runner.edit_config(c)
+            assert c.method == m and ecfg.editor.name == method and ecfg.layers == (layer,)
+            assert (c.stage1.lr, c.stage1.steps, c.stage1.clamp_norm_factor, c.stage1.weight_decay) == (0.5, steps, clamp, wd)
+            assert all(getattr(ecfg.editor, k) == v for k, v in extra.items())
+            assert c.run_dir.endswith(m) and tuple(c.layers) == tuple(plain.layers)
+    with pytest.raises(ValueError, match="'nope' is not a method"):
+        mod.get_config("nope")

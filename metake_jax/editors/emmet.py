@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from metake_jax.editors.base import Editor, LayerStats
-from metake_jax.editors.linalg import DType, SolveDiagnostics, check_kr, check_square, lu_solve, mm, solve_scope
+from metake_jax.editors.linalg import DType, SolveDiagnostics, checked_scope, lu_solve, mm
 
 Array = jax.Array
 
@@ -68,11 +68,6 @@ def _emmet_gate(K, C0, lam_c, lam_u, lam_e, dt):
     return jnp.linalg.solve(D, X.T).astype(K.dtype)  # D⁻¹ Kᵀ C⁻¹  (n, d_k)
 
 
-def _check(K: Array, R: Array | None, C0: Array) -> None:
-    check_kr(K, R)
-    check_square("C0", C0, K.shape[0])
-
-
 def emmet_increment(K: Array, R: Array, C0: Array, mom2_update_weight: float | Array = 1.0,
                     emmet_lambda: float | Array = 0.1, update_norm_lambda: float | Array = 0.0, *,
                     solve_dtype: DType = jnp.float64, return_diagnostics: bool = False):
@@ -83,8 +78,8 @@ def emmet_increment(K: Array, R: Array, C0: Array, mom2_update_weight: float | A
     padding and leave Δ unchanged).  docs/FORMULAS.md §4 "EMMET" (UM ``emmet/emmet_main.py``).
     Raises ValueError on shape mismatch.  With ``return_diagnostics`` returns ``(inc, SolveDiagnostics)``
     (the worse of the C and D solves)."""
-    _check(K, R, C0)
-    with solve_scope(solve_dtype, K, R, C0) as dt:
+    lams = (mom2_update_weight, emmet_lambda, update_norm_lambda)
+    with checked_scope(solve_dtype, K, R, scalars=lams, C0=C0) as dt:
         inc, diag = _emmet_increment(K, R, C0, mom2_update_weight, update_norm_lambda, emmet_lambda, dt)
     return (inc, diag) if return_diagnostics else inc
 
@@ -92,8 +87,8 @@ def emmet_increment(K: Array, R: Array, C0: Array, mom2_update_weight: float | A
 def emmet_gate(K: Array, C0: Array, mom2_update_weight: float | Array = 1.0, emmet_lambda: float | Array = 0.1,
                update_norm_lambda: float | Array = 0.0, *, solve_dtype: DType = jnp.float64) -> Array:
     """EMMET gate ``B = D⁻¹ Kᵀ C⁻¹`` (n_req, d_k), so that ``Δ = R B`` (docs/FORMULAS.md §4 "EMMET", §6)."""
-    _check(K, None, C0)
-    with solve_scope(solve_dtype, K, C0) as dt:
+    lams = (mom2_update_weight, emmet_lambda, update_norm_lambda)
+    with checked_scope(solve_dtype, K, scalars=lams, C0=C0) as dt:
         return _emmet_gate(K, C0, mom2_update_weight, update_norm_lambda, emmet_lambda, dt)
 
 

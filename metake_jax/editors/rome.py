@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from metake_jax.editors.base import Editor, LayerStats
-from metake_jax.editors.linalg import DType, SolveDiagnostics, check_kr, check_square, lu_solve, mm, solve_scope
+from metake_jax.editors.linalg import DType, SolveDiagnostics, checked_scope, lu_solve, mm
 
 Array = jax.Array
 
@@ -60,13 +60,11 @@ def rome_gate(K: Array, K_bare: Array | None = None, C0: Array | None = None, *,
     C0: (d_k, d_k) second moment, ``None`` = no mom2 adjustment (u = k̄).  Zero key columns give zero rows.
     docs/FORMULAS.md §4 "ROME" (kmeng01/rome ``compute_u.py``, ``compute_v.py``).  Raises ValueError on
     shape mismatch.  With ``return_diagnostics`` returns ``(B, SolveDiagnostics)`` of the C0 solve."""
-    check_kr(K, K_bare)
     if K_bare is None:
         K_bare = K
     if K_bare.shape != K.shape:
         raise ValueError(f"K_bare {K_bare.shape} must have the shape of K {K.shape}")
-    check_square("C0", C0, K.shape[0])
-    with solve_scope(solve_dtype, K, K_bare, C0) as dt:
+    with checked_scope(solve_dtype, K, K_bare, C0=C0) as dt:
         B, diag = _rome_gate(K, K_bare, C0, dt)
     B = B.astype(K.dtype)
     return (B, diag) if return_diagnostics else B
@@ -79,8 +77,7 @@ def rome_increment(K: Array, R: Array, K_bare: Array | None = None, C0: Array | 
     K (d_k, n_req): averaged keys k̄; R (d_model, n_req): residuals r = z − h at the bare prompt;
     K_bare (d_k, n_req): bare-prompt keys k* (``None`` = K); C0 (d_k, d_k) or ``None`` (u = k̄).
     For a single column ``Δ k* = r``.  docs/FORMULAS.md §4 "ROME".  Raises ValueError on shape mismatch."""
-    check_kr(K, R)
-    with solve_scope(solve_dtype, K, R, K_bare, C0) as dt:
+    with checked_scope(solve_dtype, K, R, scalars=(K_bare,), C0=C0) as dt:
         B, diag = rome_gate(K, K_bare, C0, solve_dtype=dt, return_diagnostics=True)
         inc = _times_gate(R, B, dt)
     inc = inc.astype(K.dtype)
