@@ -238,3 +238,27 @@ def test_paper_configs_take_the_method_as_argument(model, data):
             assert c.run_dir.endswith(m) and tuple(c.layers) == tuple(plain.layers)
     with pytest.raises(ValueError, match="'nope' is not a method"):
         mod.get_config("nope")
+
+
+@pytest.mark.parametrize("method,over,written", [("rome", {}, (1,)), ("emmet", {"layers": (2,)}, (2,)),
+                                                 ("emmet", {}, (1, 2))])
+def test_runner_writes_only_the_editors_layers(tmp_path, method, over, written):
+    """The runner's statistics, state and writes follow the editor's own layers (ROME: one; an editor's
+    ``layers`` field), through ``runner.run`` on the tiny random model."""
+    from configs import tiny_cf
+    from metake_jax import runner
+
+    c = tiny_cf.get_config()
+    c.method, c.batch_size, c.data.n = method, 2, 2
+    c.eval.pre = c.eval.final = c.eval.batch = False
+    c.stats.cache_dir, c.run_dir = str(tmp_path / "stats"), str(tmp_path / "run")
+    for k, v in over.items():
+        c.editor[method][k] = v
+    got = {}
+    hook = lambda done, state: got.update(k=np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]),  # noqa: E731
+                                          Cp=np.asarray(state.stats.Cp))
+    cfg, params, _ = runner.load_model_spec(c.model, seed=int(c.seed))
+    runner.run(c, hooks=runner.RunHooks(after_checkpoint=hook))
+    k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
+    changed = tuple(int(l) for l in np.nonzero(np.abs(got["k"] - k0).reshape(k0.shape[0], -1).max(1) > 0)[0])
+    assert changed == written and got["Cp"].shape[0] == len(written)
