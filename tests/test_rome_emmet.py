@@ -262,3 +262,26 @@ def test_runner_writes_only_the_editors_layers(tmp_path, method, over, written):
     k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
     changed = tuple(int(l) for l in np.nonzero(np.abs(got["k"] - k0).reshape(k0.shape[0], -1).max(1) > 0)[0])
     assert changed == written and got["Cp"].shape[0] == len(written)
+
+
+@pytest.mark.parametrize("name", ["rome", "emmet"])
+def test_metake_over_rome_and_emmet(name):
+    """MetaKE over the new gated editors (docs/FORMULAS.md §6): the look-ahead runs on the frozen gate B,
+    the batch's ℓ_meta never rises (Armijo, line_search="batch"), and only the editor's layer is written."""
+    from metake_jax.editor import EditConfig, edit_batch, init_state
+    from metake_jax.metake import MetaKEConfig
+    from metake_jax.targets import StageIConfig
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg, params = tiny_model("llama", seed=1)
+    ed = editors.build(name, {"layers": (2,)})
+    state = init_state(params, cfg, (2,), C0=_c0(cfg.d_ff, 1, seed=4))
+    ecfg = EditConfig(layers=(2,), stage1=StageIConfig(steps=3, lr=0.5), editor=ed,
+                      metake=MetaKEConfig(steps=2, lr=0.5))
+    new, rep = edit_batch(cfg, state, tok, REQS, TEMPLATES, ecfg)
+    path = rep.meta_losses.sum(axis=-1) if name == "emmet" else rep.meta_losses  # ROME: one request per write
+    assert np.isfinite(rep.meta_losses).all() and np.all(np.diff(path, axis=0) <= 1e-6 * np.abs(path).max())
+    k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
+    dk = np.abs(np.asarray(new.params["layers"]["mlp"]["fc_out"]["kernel"]) - k0).reshape(k0.shape[0], -1).max(1)
+    assert dk[2] > 0 and np.all(dk[[0, 1, 3]] == 0)
