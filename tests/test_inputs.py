@@ -522,8 +522,8 @@ def test_cli_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
         ([f"--config={cfg}", "--config.nofield=3"], "error: bad --config override: unknown field"),
         ([f"--config={cfg}", "--config.batch_size=abc"], "error: bad flag: flag --config.batch_size=abc"),
         ([f"--config={tmp_path / 'nope.py'}"], "error: --config: "),
-        ([f"--config={cfg}", "--config.method=rome", f"--config.run_dir={run_dir}"],
-         "error: config.method='rome' is not one of"),
+        ([f"--config={cfg}", "--config.method=nope", f"--config.run_dir={run_dir}"],
+         "error: config.method='nope' is not one of"),
         ([f"--config={cfg}", f"--config.model={tmp_path / 'nomodel'}", f"--config.run_dir={run_dir}"],
          f"error: unknown model '{tmp_path / 'nomodel'}'"),
     ]
