@@ -10,6 +10,13 @@ of one batch range from ~5 to ~24 tokens, so a single padded width wastes about 
 compute; four groups keep ~75 % of the tokens real (bench/RESULTS.md, "Stage I row groups").
 Grouping changes no number: every row's loss is the same function of its own tokens.
 
+Prefix reuse (``StageIConfig.prefix_reuse``): δ enters at block L's output at the subject's last
+token, so by causal attention every earlier position's state in the blocks above L is the same at
+every Adam step.  Blocks ≤ L and the δ = 0 keys/values of the blocks above L are computed once per
+batch; each step runs blocks L+1.. only over each row's suffix (from the subject's last token on,
+at its absolute positions), attending to the cached prefix (``models.interface.run_layers_after_prefix``).
+Rows are then grouped by suffix length.  The numbers are those of the full rows (tests/test_targets.py).
+
 The same loss pieces (``edit_and_loc_losses``) are reused by MetaKE's virtual look-ahead (§6).
 """
 from __future__ import annotations
@@ -27,7 +34,10 @@ import optax
 from metake_jax.batch import EditBatch
 from metake_jax.tokens import bucket
 from models.config import ModelConfig
-from models.interface import AddAt, WDeltas, block_at, forward, gather_positions, head, make_context
+from models.interface import (
+    AddAt, KVPrefix, WDeltas, block_at, forward, gather_positions, head, make_context, run_layers_after_prefix,
+    run_layers_kv, suffix_positions,
+)
 from models.layers import f32
 
 Array = jax.Array
@@ -44,6 +54,7 @@ class StageIConfig:
     weight_decay: float = 0.5
     early_stop: float = 5e-2
     row_groups: int = 4  # length-sorted row groups, each at its own width (1 = one padded width)
+    prefix_reuse: bool = True  # steps run only from the subject's last token on (same numbers, less compute)
 
     def __post_init__(self) -> None:
         if int(self.row_groups) < 1:
@@ -126,22 +137,44 @@ def rows_of(batch: EditBatch, per_request: Array) -> Array:
     return jnp.repeat(per_request, per, axis=0)
 
 
-def row_groups(batch: EditBatch, n_groups: int) -> tuple[np.ndarray, tuple[int, ...]]:
+class GroupWidths(NamedTuple):
+    """Static widths of one row group with prefix reuse: full rows, cached prefix, stepped suffix."""
+
+    full: int
+    prefix: int
+    suffix: int
+
+
+def row_groups(
+    batch: EditBatch, n_groups: int, prefix_reuse: bool = False
+) -> tuple[np.ndarray, tuple[int, ...] | tuple[GroupWidths, ...]]:
     """Host-side split of the rows into ``n_groups`` length-sorted groups of static sizes.
 
     Returns (order (R,) row indices sorted by length, widths (n_groups,) bucketed to multiples
     of 4).  Group sizes follow ``np.array_split(R, n_groups)``, so they depend on R only.
+    With ``prefix_reuse`` rows are sorted by suffix length (row length - subject-last index) and
+    each group's widths are a ``GroupWidths`` (full row, prefix = subject-last index, suffix).
     """
     mask = np.asarray(batch.mask)
     R, T = mask.shape
     n_groups = min(int(n_groups), R)
-    if n_groups == 1:
-        return np.arange(R, dtype=np.int32), (T,)
     lens = mask.sum(axis=1)
-    order = np.argsort(lens, kind="stable").astype(np.int32)
-    widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
-                   for g in np.array_split(order, n_groups))
-    return order, widths
+    if not prefix_reuse:
+        if n_groups == 1:
+            return np.arange(R, dtype=np.int32), (T,)
+        order = np.argsort(lens, kind="stable").astype(np.int32)
+        widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
+                       for g in np.array_split(order, n_groups))
+        return order, widths
+    lookup = np.asarray(batch.lookup)
+    suffix = lens - lookup
+    order = (np.argsort(suffix, kind="stable") if n_groups > 1 else np.arange(R)).astype(np.int32)
+    out = []
+    for g in np.array_split(order, n_groups):
+        out.append(GroupWidths(full=min(T, bucket(int(lens[g].max()), minimum=1, multiple=4)),
+                               prefix=bucket(max(int(lookup[g].max()), 1), minimum=1, multiple=4),
+                               suffix=min(T, bucket(int(suffix[g].max()), minimum=1, multiple=4))))
+    return order, tuple(out)
 
 
 def group_sizes(n_rows: int, n_groups: int) -> list[int]:
@@ -149,11 +182,12 @@ def group_sizes(n_rows: int, n_groups: int) -> list[int]:
     return [len(a) for a in np.array_split(np.arange(n_rows), n_groups)]
 
 
-def _group_rows(batch: EditBatch, order: Array, widths: tuple[int, ...]) -> list[tuple[Array, EditBatch]]:
+def _group_rows(batch: EditBatch, order: Array, widths: tuple) -> list[tuple[Array, EditBatch]]:
     """(row indices, per-row sub-batch cut to its width) for each group; per-request fields None."""
     sizes = group_sizes(batch.tokens.shape[0], len(widths))
     out, start = [], 0
     for size, w in zip(sizes, widths):
+        w = w.full if isinstance(w, GroupWidths) else w
         idx = order[start:start + size]
         start += size
         out.append((idx, EditBatch(
@@ -163,15 +197,49 @@ def _group_rows(batch: EditBatch, order: Array, widths: tuple[int, ...]) -> list
     return out
 
 
+def _full_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int):
+    """(h0 rows (B, d), logits(delta_rows) -> (target logits, subject-token logits)) on full rows."""
+    h_in = lower_hidden(cfg, params, rows, L)
+    h_L, _ = block_at(cfg, params, L, h_in, make_context(rows.mask))
+    h0 = f32(gather_positions(h_L, rows.lookup[:, None])[:, 0])
+    return h0, lambda delta_rows: upper_logits(cfg, params, rows, h_in, L, delta_rows=delta_rows)
+
+
+def _prefix_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, w: GroupWidths):
+    """As ``_full_group`` with prefix reuse: blocks ≤ L and the upper blocks' prefix keys/values
+    once (δ = 0), each call runs blocks L+1.. over the rows' suffixes only (module docstring)."""
+    ctx = make_context(rows.mask)
+    h_in = lower_hidden(cfg, params, rows, L)
+    h_L, _ = block_at(cfg, params, L, h_in, ctx)
+    h0 = f32(gather_positions(h_L, rows.lookup[:, None])[:, 0])
+    _, (k, v) = run_layers_kv(cfg, params, h_L, ctx, L + 1, cfg.n_layers)  # (n_up, B, W, Hkv, hd)
+    P = min(w.prefix, w.full)
+    prefix = KVPrefix(k=k[:, :, :P], v=v[:, :, :P],
+                      allowed=jnp.arange(P)[None, :] < rows.lookup[:, None])
+    idx, in_range = suffix_positions(rows.lookup, w.suffix, w.full)
+    s_mask = gather_positions(ctx.mask, idx) & in_range
+    s_pos = gather_positions(ctx.positions, idx)
+    x0 = gather_positions(h_L, idx)  # (B, S, d): block-L output on the suffix (δ = 0)
+    t_pos = jnp.clip(rows.tgt_pos - rows.lookup[:, None], 0, w.suffix - 1)
+
+    def logits(delta_rows: Array) -> tuple[Array, Array]:
+        x = x0.at[:, 0].add(delta_rows.astype(x0.dtype))  # δ at the subject's last token = suffix start
+        h = run_layers_after_prefix(cfg, params, x, s_pos, s_mask, prefix, L + 1, cfg.n_layers)
+        return head(cfg, params, gather_positions(h, t_pos)), head(cfg, params, h[:, 0])
+
+    return h0, logits
+
+
 @partial(jax.jit, static_argnames=("cfg", "L", "hp", "widths"))
 def optimize_targets_grouped(
     cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
-    widths: tuple[int, ...],
+    widths: tuple[int, ...] | tuple[GroupWidths, ...],
 ) -> StageIResult:
     """Stage I for every request of ``batch`` in one jitted computation (docs/FORMULAS.md §3).
 
     ``order`` / ``widths`` come from ``row_groups``; rows are run group by group and their loss
-    terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.
+    terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.  ``GroupWidths``
+    widths select prefix reuse (module docstring); plain int widths run the full rows every step.
     """
     n_pad = batch.valid.shape[0]
     per = batch.tokens.shape[0] // n_pad
@@ -179,22 +247,24 @@ def optimize_targets_grouped(
     req_of = [idx // per for idx, _ in groups]
     nll_avg = batch.nll_avg[:, order]
     kl_sel = batch.kl_sel[:, order]
-    h_ins, h0_rows, logp_init = [], [], []
-    for _, rows in groups:
-        h_in = lower_hidden(cfg, params, rows, L)
-        h_L, _ = block_at(cfg, params, L, h_in, make_context(rows.mask))
-        h0_rows.append(f32(gather_positions(h_L, rows.lookup[:, None])[:, 0]))
-        _, logits_k0 = upper_logits(cfg, params, rows, h_in, L)
+    fns, h0_rows, logp_init = [], [], []
+    for (idx, rows), w in zip(groups, widths):
+        if isinstance(w, GroupWidths):
+            h0_g, fn = _prefix_group(cfg, params, rows, L, w)
+        else:
+            h0_g, fn = _full_group(cfg, params, rows, L)
+        _, logits_k0 = fn(jnp.zeros((idx.shape[0], cfg.d_model), h0_g.dtype))
         logp_init.append(jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1)))
-        h_ins.append(h_in)
+        h0_rows.append(h0_g)
+        fns.append(fn)
     inv = jnp.argsort(order)
     h0 = jnp.concatenate(h0_rows)[inv[batch.bare_row]]  # (n_pad, d)
     h0_norm = safe_norm(h0)
 
     def loss_fn(delta: Array) -> tuple[Array, tuple[Array, Array]]:
         row_nll, kl_rows = [], []
-        for (_, rows), h_in, lp0, req in zip(groups, h_ins, logp_init, req_of):
-            logits_t, logits_k = upper_logits(cfg, params, rows, h_in, L, delta_rows=delta[req])
+        for (_, rows), fn, lp0, req in zip(groups, fns, logp_init, req_of):
+            logits_t, logits_k = fn(delta[req])
             a, b = row_terms(logits_t, logits_k, rows, lp0)
             row_nll.append(a)
             kl_rows.append(b)
@@ -244,5 +314,5 @@ def optimize_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
 ) -> StageIResult:
     """Stage I (docs/FORMULAS.md §3): split the rows into ``hp.row_groups`` groups, run the jitted loop."""
-    order, widths = row_groups(batch, hp.row_groups)
+    order, widths = row_groups(batch, hp.row_groups, hp.prefix_reuse)
     return optimize_targets_grouped(cfg, params, batch, jnp.asarray(order), L, hp, widths)

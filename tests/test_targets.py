@@ -190,3 +190,47 @@ def test_request_errors_name_case_and_field(setup):
         with pytest.raises(RequestError) as e:
             prepare_batch(tok, [req], TEMPLATES)
         assert str(req.case_id) in str(e.value) and field in str(e.value)
+
+
+# ----------------------------------------------------------------------------- prefix reuse (issue 15)
+
+# subject at the start (bare template; "The" is one token, so the prefix is empty), in the middle, at
+# the end of the prompt; the context templates put every subject after a prefix too.
+POS_REQS = [
+    SimpleNamespace(case_id=11, subject="The", prompt="{} Eiffel Tower is located in", target_new="Rome"),
+    SimpleNamespace(case_id=12, subject="Danielle Darrieux", prompt="The mother tongue of {} is",
+                    target_new="English"),
+    SimpleNamespace(case_id=13, subject="Toko Yasuda", prompt="The guitar is played by {}", target_new="piano"),
+]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gptj", "llama"])
+def family_setup(request):
+    hf = tiny_hf_model(request.param)
+    with torch.no_grad():  # larger hidden norms so the weight-decay term does not dominate
+        for p in hf.get_input_embeddings().parameters():
+            p.mul_(20.0)
+    cfg, params = to_jax(hf)
+    return tiny_tokenizer(), cfg, params
+
+
+def test_prefix_reuse_changes_no_number(family_setup):
+    """Steps over the suffix only, attending to cached prefix K/V = steps over whole rows (§3)."""
+    tok, cfg, params = family_setup
+    b, n = prepare_batch(tok, POS_REQS, TEMPLATES)
+    lookup, per = b.lookup, b.tokens.shape[0] // b.valid.shape[0]
+    assert lookup[0] == 0  # subject at the very start: nothing cached for that row
+    assert 0 < lookup[per] < b.tgt_pos[per, 0]  # in the middle
+    assert lookup[2 * per] == b.tgt_pos[2 * per, 0]  # at the end: the target follows at once
+    _, widths = row_groups(b, 4, prefix_reuse=True)
+    assert max(w.suffix for w in widths) < max(w.full for w in widths)  # the steps really run fewer tokens
+    for L_, groups in ((1, 4), (2, 1)):
+        hp = dataclasses.replace(HP, steps=8, row_groups=groups)
+        b_ = EditBatch(*map(jnp.asarray, b))
+        ref = optimize_targets(cfg, params, b_, L_, dataclasses.replace(hp, prefix_reuse=False))
+        res = optimize_targets(cfg, params, b_, L_, dataclasses.replace(hp, prefix_reuse=True))
+        assert np.abs(np.asarray(ref.delta)[:n]).max() > 1e-2  # the targets moved
+        np.testing.assert_allclose(np.asarray(res.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(res.H0), np.asarray(ref.H0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(res.steps_taken), np.asarray(ref.steps_taken))
+        np.testing.assert_allclose(np.asarray(res.losses)[:, :n], np.asarray(ref.losses)[:, :n], rtol=1e-5, atol=1e-6)
