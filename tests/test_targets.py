@@ -234,3 +234,33 @@ def test_prefix_reuse_changes_no_number(family_setup):
         np.testing.assert_allclose(np.asarray(res.H0), np.asarray(ref.H0), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(res.steps_taken), np.asarray(ref.steps_taken))
         np.testing.assert_allclose(np.asarray(res.losses)[:, :n], np.asarray(ref.losses)[:, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_compaction_changes_no_number(family_setup):
+    """Converged requests leaving the batch (smaller buckets between phases) = masking them (§3)."""
+    tok, cfg, params = family_setup
+    reqs = POS_REQS + REQS  # 6 requests: bucket 8 -> 4 -> 2 -> 1 as they converge
+    b, n = prepare_batch(tok, reqs, TEMPLATES)
+    b = EditBatch(*map(jnp.asarray, b))
+    hp = dataclasses.replace(HP, lr=0.5, steps=10, weight_decay=0.0, kl_factor=0.0)
+    probe = np.asarray(optimize_targets(cfg, params, b, L, dataclasses.replace(hp, compact=False)).losses)[:, :n]
+
+    def stops(thr):  # a request stops at the first step whose loss is below thr (the loop's rule)
+        return np.array([min([t for t in range(hp.steps) if probe[t, i] < thr] + [hp.steps - 1]) for i in range(n)])
+
+    # an early-stop threshold that requests meet at different steps, enough of them for the
+    # bucket of 8 to shrink, one still running at the end
+    vals = np.unique(probe[1:5])
+    ok = lambda st: ((st < hp.steps - 1).sum() >= 3 and ((st > 0) & (st < hp.steps - 1)).any()  # noqa: E731
+                     and st.max() == hp.steps - 1)
+    thr = next(float(t) for t in (vals[1:] + vals[:-1]) / 2 if ok(stops(t)))  # midway: no tie with a loss
+    hp = dataclasses.replace(hp, early_stop=thr)
+    for reuse in (False, True):
+        ref = optimize_targets(cfg, params, b, L, dataclasses.replace(hp, compact=False, prefix_reuse=reuse))
+        res = optimize_targets(cfg, params, b, L, dataclasses.replace(hp, compact=True, prefix_reuse=reuse))
+        np.testing.assert_array_equal(np.asarray(ref.steps_taken)[:n], stops(thr))
+        np.testing.assert_array_equal(np.asarray(res.steps_taken), np.asarray(ref.steps_taken))
+        np.testing.assert_allclose(np.asarray(res.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(res.H0), np.asarray(ref.H0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(res.losses)[:, :n], np.asarray(ref.losses)[:, :n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(res.nll)[:, :n], np.asarray(ref.nll)[:, :n], rtol=1e-5, atol=1e-6)
