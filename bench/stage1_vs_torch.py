@@ -64,7 +64,8 @@ def main() -> None:
     reqs = [c.request for c in load_demo()][: a.n]
     L = SMOLLM2_TUNED["layers"][-1]
     hp = StageIConfig(lr=a.lr, steps=a.steps, prefix_reuse=bool(a.prefix_reuse), compact=bool(a.compact))
-    print(f"SmolLM2, L={L}, lr {hp.lr}, steps {hp.steps}, templates {sum(map(len, tmpl))} x {a.template_length} tokens, "
+    print(f"SmolLM2, L={L}, lr {hp.lr}, steps {hp.steps}, "
+          f"templates {sum(map(len, tmpl))} x {a.template_length} tokens, "
           f"prefix_reuse {hp.prefix_reuse}, compact {hp.compact}, row_groups {hp.row_groups}; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     hb, n = prepare_batch(tok, reqs, tmpl)
@@ -77,7 +78,8 @@ def main() -> None:
     jax.block_until_ready(r.Z)
     steady = time.perf_counter() - t
     jax_steps = np.asarray(r.steps_taken)[:n]
-    print(f"jax: batch of {n}: first (incl. compile) {first:.1f} s, steady {steady:.1f} s = {steady / n:.2f} s/request; "
+    print(f"jax: batch of {n}: first (incl. compile) {first:.1f} s, steady {steady:.1f} s = "
+          f"{steady / n:.2f} s/request; "
           f"Adam steps {jax_steps.tolist()}", flush=True)
 
     # torch: the test oracle, with this run's templates and layer

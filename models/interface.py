@@ -218,7 +218,8 @@ def run_layers_after_prefix(
     if stop <= start:
         return x
     if prefix.k.shape[0] != stop - start:
-        raise ValueError(f"prefix cache holds {prefix.k.shape[0]} blocks; blocks {start}..{stop - 1} need {stop - start}")
+        raise ValueError(f"prefix cache holds {prefix.k.shape[0]} blocks; "
+                         f"blocks {start}..{stop - 1} need {stop - start}")
 
     def body(h, xs):
         i, pk, pv = xs

@@ -264,3 +264,24 @@ def test_compaction_changes_no_number(family_setup):
         np.testing.assert_allclose(np.asarray(res.H0), np.asarray(ref.H0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(res.losses)[:, :n], np.asarray(ref.losses)[:, :n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(res.nll)[:, :n], np.asarray(ref.nll)[:, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_edit_weights_equal_with_and_without_savings():
+    """The written weights (AlphaEdit, two layers) are the same with prefix reuse and compaction on or off."""
+    from metake_jax.editor import EditConfig, edit_batch, init_state
+    from metake_jax.write import EditorConfig
+
+    tok = tiny_tokenizer()
+    cfg, params = to_jax(tiny_hf_model("llama"))
+    layers = (1, 2)
+    eye = jnp.broadcast_to(jnp.eye(cfg.d_ff), (len(layers), cfg.d_ff, cfg.d_ff))
+    reqs = POS_REQS + REQS[:2]
+    kernels = []
+    for on in (False, True):
+        hp = dataclasses.replace(HP, lr=0.5, steps=6, early_stop=5.8, prefix_reuse=on, compact=on)
+        ecfg = EditConfig(layers=layers, stage1=hp, editor=EditorConfig(method="alphaedit", l2=1.0))
+        state, rep = edit_batch(cfg, init_state(params, cfg, layers, P=eye), tok, reqs, TEMPLATES, ecfg)
+        kernels.append(np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]))
+    k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
+    assert np.abs(kernels[0] - k0)[list(layers)].max() > 1e-4  # something was written
+    np.testing.assert_allclose(kernels[1], kernels[0], rtol=1e-5, atol=1e-5)
