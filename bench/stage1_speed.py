@@ -37,9 +37,13 @@ def run(cfg, params, tok, reqs, tmpl, L, hp) -> tuple[float, float, int, float]:
     hb, n = prepare_batch(tok, reqs, tmpl)
     b = EditBatch(*map(jnp.asarray, hb))
     t = time.perf_counter()
-    order, widths = row_groups(hb, hp.row_groups)
+    order, widths = row_groups(hb, hp.row_groups, hp.prefix_reuse)
     sizes = group_sizes(len(order), len(widths))
-    fill = float(hb.mask.sum()) / sum(s * w for s, w in zip(sizes, widths))
+    if hp.prefix_reuse:  # tokens each step runs: the suffixes (subject's last token on)
+        real = float((hb.mask.sum(axis=1) - hb.lookup).sum())
+        fill = real / sum(s * w.suffix for s, w in zip(sizes, widths))
+    else:
+        fill = float(hb.mask.sum()) / sum(s * w for s, w in zip(sizes, widths))
     order = jnp.asarray(order)
     compiled = optimize_targets_grouped.lower(cfg, params, b, order, L, hp, widths).compile()
     compile_s = time.perf_counter() - t
@@ -59,6 +63,7 @@ def main() -> None:
     ap.add_argument("--template_length", type=int, default=10, help="context template length (tokens)")
     ap.add_argument("--row_groups", default=str(StageIConfig.row_groups),
                     help="comma list of length-sorted row-group counts to time (1 = one padded width)")
+    ap.add_argument("--prefix_reuse", default="1", help="comma list of StageIConfig.prefix_reuse values (0, 1) to time")
     a = ap.parse_args()
     cfg, params, tok = load_smollm2()
     tmpl = context_templates(cfg, params, tok, seed=0, length=a.template_length)
@@ -76,15 +81,17 @@ def main() -> None:
     per_req = float(np.mean(single)) if single else float("nan")
     if single:
         print(f"one at a time: {per_req:.2f} s/request (mean of {len(single)}, steady state)")
-    print(f"{'n':>5} {'groups':>6} {'real/computed':>13} {'batched first (s)':>18} {'batched steady (s)':>19} "
+    reuse = [bool(int(x)) for x in a.prefix_reuse.split(",")]
+    hp = dataclasses.replace(hp, prefix_reuse=reuse[0])
+    print(f"{'n':>5} {'groups':>6} {'reuse':>5} {'real/computed':>13} {'batched first (s)':>18} {'batched steady (s)':>19} "
           f"{'max steps':>9} {'one-at-a-time (s)':>18} {'speed-up':>8}")
     for n in [int(x) for x in a.ns.split(",")]:
         reqs = [demo[i % len(demo)] for i in range(n)]
-        for g in groups:
+        for g, pr in [(g, pr) for g in groups for pr in reuse]:
             first, steady, steps, fill = run(cfg, params, tok, reqs, tmpl, L,
-                                             dataclasses.replace(hp, row_groups=g))
+                                             dataclasses.replace(hp, row_groups=g, prefix_reuse=pr))
             seq = per_req * n
-            print(f"{n:>5} {g:>6} {fill:13.3f} {first:18.1f} {steady:19.1f} {steps:>9} {seq:18.1f} "
+            print(f"{n:>5} {g:>6} {int(pr):>5} {fill:13.3f} {first:18.1f} {steady:19.1f} {steps:>9} {seq:18.1f} "
                   f"{seq / steady:8.2f}", flush=True)
 
     if a.stats_docs <= 0:

@@ -205,3 +205,26 @@ def select_rows(batch: EditBatch, keep: Sequence[int]) -> EditBatch:
         kl_sel=b.kl_sel[:, idx], bare_row=np.arange(n_pad, dtype=np.int32) * len(keep) + keep.index(bare),
         valid=b.valid,
     )
+
+
+def take_requests(batch: EditBatch, sel: Sequence[int], valid: Sequence[float]) -> EditBatch:
+    """Host-side sub-batch of the requests ``sel`` (indices into ``batch``'s requests, in order),
+    with ``valid`` (len(sel),) as the new validity (0 for padding copies).
+
+    Every request keeps its rows, in order; the per-request weights (``key_avg``, ``nll_avg``,
+    ``kl_sel``) move with their block, so each request's terms are those of the full batch.
+    Used by Stage I to drop converged requests between steps (``StageIConfig.compact``).
+    """
+    b = EditBatch(*[np.asarray(x) for x in batch])
+    per = rows_per_request(b)
+    sel = np.asarray(sel, dtype=np.int64)
+    rows = (sel[:, None] * per + np.arange(per)[None]).reshape(-1)
+    T = int(b.mask[rows].sum(axis=1).max())
+    T = min(b.tokens.shape[1], bucket(T))
+    return EditBatch(
+        tokens=b.tokens[rows, :T], mask=b.mask[rows, :T], lookup=b.lookup[rows], tgt_pos=b.tgt_pos[rows],
+        tgt_ids=b.tgt_ids[rows], tgt_mask=b.tgt_mask[rows], key_avg=b.key_avg[sel][:, rows],
+        nll_avg=b.nll_avg[sel][:, rows], kl_sel=b.kl_sel[sel][:, rows],
+        bare_row=np.arange(len(sel), dtype=np.int32) * per + int(b.bare_row[0]),
+        valid=np.asarray(valid, np.float32),
+    )

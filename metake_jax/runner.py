@@ -280,7 +280,8 @@ def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenize
 
 # Fingerprint fields added after run checkpoints already existed, with the value those older runs implied
 # (a field added to a fingerprinted section of run_config.RunConfig goes here to keep old runs resumable).
-_ADDED_LATER: dict[str, Any] = {"stats.precision": "highest", "data.chat": False}
+_ADDED_LATER: dict[str, Any] = {"stats.precision": "highest", "data.chat": False,
+                                "stage1.prefix_reuse": True, "stage1.compact": True}
 # Fingerprint entries older checkpoints did not record at all (not compared when absent from a checkpoint).
 _RECORDED_LATER: tuple[str, ...] = ("data_sha256",)
 

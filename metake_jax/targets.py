@@ -10,6 +10,19 @@ of one batch range from ~5 to ~24 tokens, so a single padded width wastes about 
 compute; four groups keep ~75 % of the tokens real (bench/RESULTS.md, "Stage I row groups").
 Grouping changes no number: every row's loss is the same function of its own tokens.
 
+Prefix reuse (``StageIConfig.prefix_reuse``): δ enters at block L's output at the subject's last
+token, so by causal attention every earlier position's state in the blocks above L is the same at
+every Adam step.  Blocks ≤ L and the δ = 0 keys/values of the blocks above L are computed once per
+batch; each step runs blocks L+1.. only over each row's suffix (from the subject's last token on,
+at its absolute positions), attending to the cached prefix (``models.interface.run_layers_after_prefix``).
+Rows are then grouped by suffix length.  The numbers are those of the full rows (tests/test_targets.py).
+
+Compaction (``StageIConfig.compact``): requests that met the early-stop threshold cost nothing more.
+The loop runs in phases; a phase stops once the active requests fit a smaller request bucket
+(``tokens.bucket_requests``), and the host moves them, with their δ and Adam moments, into a
+sub-batch of that size (``batch.take_requests``) for the next phase.  Adam is per element and the
+loss a sum of per-request terms, so no number changes.
+
 The same loss pieces (``edit_and_loc_losses``) are reused by MetaKE's virtual look-ahead (§6).
 """
 from __future__ import annotations
@@ -24,10 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metake_jax.batch import EditBatch
-from metake_jax.tokens import bucket
+from metake_jax.batch import EditBatch, take_requests
+from metake_jax.tokens import bucket, bucket_requests
 from models.config import ModelConfig
-from models.interface import AddAt, WDeltas, block_at, forward, gather_positions, head, make_context
+from models.interface import (
+    AddAt, KVPrefix, WDeltas, block_at, forward, gather_positions, head, make_context, run_layers_after_prefix,
+    run_layers_kv, suffix_positions,
+)
 from models.layers import f32
 
 Array = jax.Array
@@ -44,6 +60,8 @@ class StageIConfig:
     weight_decay: float = 0.5
     early_stop: float = 5e-2
     row_groups: int = 4  # length-sorted row groups, each at its own width (1 = one padded width)
+    prefix_reuse: bool = True  # steps run only from the subject's last token on (same numbers, less compute)
+    compact: bool = True  # converged requests leave the batch: active rows move to a smaller bucket
 
     def __post_init__(self) -> None:
         if int(self.row_groups) < 1:
@@ -126,22 +144,44 @@ def rows_of(batch: EditBatch, per_request: Array) -> Array:
     return jnp.repeat(per_request, per, axis=0)
 
 
-def row_groups(batch: EditBatch, n_groups: int) -> tuple[np.ndarray, tuple[int, ...]]:
+class GroupWidths(NamedTuple):
+    """Static widths of one row group with prefix reuse: full rows, cached prefix, stepped suffix."""
+
+    full: int
+    prefix: int
+    suffix: int
+
+
+def row_groups(
+    batch: EditBatch, n_groups: int, prefix_reuse: bool = False
+) -> tuple[np.ndarray, tuple[int, ...] | tuple[GroupWidths, ...]]:
     """Host-side split of the rows into ``n_groups`` length-sorted groups of static sizes.
 
     Returns (order (R,) row indices sorted by length, widths (n_groups,) bucketed to multiples
     of 4).  Group sizes follow ``np.array_split(R, n_groups)``, so they depend on R only.
+    With ``prefix_reuse`` rows are sorted by suffix length (row length - subject-last index) and
+    each group's widths are a ``GroupWidths`` (full row, prefix = subject-last index, suffix).
     """
     mask = np.asarray(batch.mask)
     R, T = mask.shape
     n_groups = min(int(n_groups), R)
-    if n_groups == 1:
-        return np.arange(R, dtype=np.int32), (T,)
     lens = mask.sum(axis=1)
-    order = np.argsort(lens, kind="stable").astype(np.int32)
-    widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
-                   for g in np.array_split(order, n_groups))
-    return order, widths
+    if not prefix_reuse:
+        if n_groups == 1:
+            return np.arange(R, dtype=np.int32), (T,)
+        order = np.argsort(lens, kind="stable").astype(np.int32)
+        widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
+                       for g in np.array_split(order, n_groups))
+        return order, widths
+    lookup = np.asarray(batch.lookup)
+    suffix = lens - lookup
+    order = (np.argsort(suffix, kind="stable") if n_groups > 1 else np.arange(R)).astype(np.int32)
+    out = []
+    for g in np.array_split(order, n_groups):
+        out.append(GroupWidths(full=min(T, bucket(int(lens[g].max()), minimum=1, multiple=4)),
+                               prefix=bucket(max(int(lookup[g].max()), 1), minimum=1, multiple=4),
+                               suffix=min(T, bucket(int(suffix[g].max()), minimum=1, multiple=4))))
+    return order, tuple(out)
 
 
 def group_sizes(n_rows: int, n_groups: int) -> list[int]:
@@ -149,11 +189,12 @@ def group_sizes(n_rows: int, n_groups: int) -> list[int]:
     return [len(a) for a in np.array_split(np.arange(n_rows), n_groups)]
 
 
-def _group_rows(batch: EditBatch, order: Array, widths: tuple[int, ...]) -> list[tuple[Array, EditBatch]]:
+def _group_rows(batch: EditBatch, order: Array, widths: tuple) -> list[tuple[Array, EditBatch]]:
     """(row indices, per-row sub-batch cut to its width) for each group; per-request fields None."""
     sizes = group_sizes(batch.tokens.shape[0], len(widths))
     out, start = [], 0
     for size, w in zip(sizes, widths):
+        w = w.full if isinstance(w, GroupWidths) else w
         idx = order[start:start + size]
         start += size
         out.append((idx, EditBatch(
@@ -163,38 +204,81 @@ def _group_rows(batch: EditBatch, order: Array, widths: tuple[int, ...]) -> list
     return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "L", "hp", "widths"))
-def optimize_targets_grouped(
-    cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
-    widths: tuple[int, ...],
-) -> StageIResult:
-    """Stage I for every request of ``batch`` in one jitted computation (docs/FORMULAS.md §3).
+def _full_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int):
+    """(h0 rows (B, d), logits(delta_rows) -> (target logits, subject-token logits)) on full rows."""
+    h_in = lower_hidden(cfg, params, rows, L)
+    h_L, _ = block_at(cfg, params, L, h_in, make_context(rows.mask))
+    h0 = f32(gather_positions(h_L, rows.lookup[:, None])[:, 0])
+    return h0, lambda delta_rows: upper_logits(cfg, params, rows, h_in, L, delta_rows=delta_rows)
 
-    ``order`` / ``widths`` come from ``row_groups``; rows are run group by group and their loss
-    terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.
-    """
+
+def _prefix_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, w: GroupWidths):
+    """As ``_full_group`` with prefix reuse: blocks ≤ L and the upper blocks' prefix keys/values
+    once (δ = 0), each call runs blocks L+1.. over the rows' suffixes only (module docstring)."""
+    ctx = make_context(rows.mask)
+    h_in = lower_hidden(cfg, params, rows, L)
+    h_L, _ = block_at(cfg, params, L, h_in, ctx)
+    h0 = f32(gather_positions(h_L, rows.lookup[:, None])[:, 0])
+    _, (k, v) = run_layers_kv(cfg, params, h_L, ctx, L + 1, cfg.n_layers)  # (n_up, B, W, Hkv, hd)
+    P = min(w.prefix, w.full)
+    prefix = KVPrefix(k=k[:, :, :P], v=v[:, :, :P],
+                      allowed=jnp.arange(P)[None, :] < rows.lookup[:, None])
+    idx, in_range = suffix_positions(rows.lookup, w.suffix, w.full)
+    s_mask = gather_positions(ctx.mask, idx) & in_range
+    s_pos = gather_positions(ctx.positions, idx)
+    x0 = gather_positions(h_L, idx)  # (B, S, d): block-L output on the suffix (δ = 0)
+    t_pos = jnp.clip(rows.tgt_pos - rows.lookup[:, None], 0, w.suffix - 1)
+
+    def logits(delta_rows: Array) -> tuple[Array, Array]:
+        x = x0.at[:, 0].add(delta_rows.astype(x0.dtype))  # δ at the subject's last token = suffix start
+        h = run_layers_after_prefix(cfg, params, x, s_pos, s_mask, prefix, L + 1, cfg.n_layers)
+        return head(cfg, params, gather_positions(h, t_pos)), head(cfg, params, h[:, 0])
+
+    return h0, logits
+
+
+class LoopState(NamedTuple):
+    """Stage I loop carry for ``n_pad`` requests (what compaction moves between phases)."""
+
+    it: Array  # () steps run so far
+    delta: Array  # (n_pad, d)
+    opt_state: Any  # optax Adam state: shared count, per-request moments (n_pad, d)
+    active: Array  # (n_pad,) bool: still optimizing
+    taken: Array  # (n_pad,) int32 Adam updates applied
+    losses: Array  # (steps, n_pad) NaN where not (yet) computed
+    nlls: Array  # (steps, n_pad)
+
+
+def _stage1_loop(
+    cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
+    widths: tuple[int, ...] | tuple[GroupWidths, ...], state: LoopState | None, min_active: int,
+) -> tuple[LoopState, Array]:
+    """Run Stage I steps from ``state`` (None: fresh) until step ``hp.steps``, no request is active,
+    or at most ``min_active`` are.  Returns (state, h0 (n_pad, d))."""
     n_pad = batch.valid.shape[0]
     per = batch.tokens.shape[0] // n_pad
     groups = _group_rows(batch, order, widths)
     req_of = [idx // per for idx, _ in groups]
     nll_avg = batch.nll_avg[:, order]
     kl_sel = batch.kl_sel[:, order]
-    h_ins, h0_rows, logp_init = [], [], []
-    for _, rows in groups:
-        h_in = lower_hidden(cfg, params, rows, L)
-        h_L, _ = block_at(cfg, params, L, h_in, make_context(rows.mask))
-        h0_rows.append(f32(gather_positions(h_L, rows.lookup[:, None])[:, 0]))
-        _, logits_k0 = upper_logits(cfg, params, rows, h_in, L)
+    fns, h0_rows, logp_init = [], [], []
+    for (idx, rows), w in zip(groups, widths):
+        if isinstance(w, GroupWidths):
+            h0_g, fn = _prefix_group(cfg, params, rows, L, w)
+        else:
+            h0_g, fn = _full_group(cfg, params, rows, L)
+        _, logits_k0 = fn(jnp.zeros((idx.shape[0], cfg.d_model), h0_g.dtype))
         logp_init.append(jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1)))
-        h_ins.append(h_in)
+        h0_rows.append(h0_g)
+        fns.append(fn)
     inv = jnp.argsort(order)
     h0 = jnp.concatenate(h0_rows)[inv[batch.bare_row]]  # (n_pad, d)
     h0_norm = safe_norm(h0)
 
     def loss_fn(delta: Array) -> tuple[Array, tuple[Array, Array]]:
         row_nll, kl_rows = [], []
-        for (_, rows), h_in, lp0, req in zip(groups, h_ins, logp_init, req_of):
-            logits_t, logits_k = upper_logits(cfg, params, rows, h_in, L, delta_rows=delta[req])
+        for (_, rows), fn, lp0, req in zip(groups, fns, logp_init, req_of):
+            logits_t, logits_k = fn(delta[req])
             a, b = row_terms(logits_t, logits_k, rows, lp0)
             row_nll.append(a)
             kl_rows.append(b)
@@ -205,15 +289,13 @@ def optimize_targets_grouped(
         return jnp.sum(total * batch.valid), (total, nll)
 
     opt = optax.adam(hp.lr)
-    delta0 = jnp.zeros((n_pad, cfg.d_model), h0.dtype)
     max_norm = hp.clamp_norm_factor * h0_norm
 
-    def cond(carry):
-        it, _, _, active, _, _, _ = carry
-        return (it < hp.steps) & jnp.any(active)
+    def cond(s: LoopState):
+        return (s.it < hp.steps) & (jnp.sum(s.active) > min_active)
 
-    def body(carry):
-        it, delta, opt_state, active, taken, losses, nlls = carry
+    def body(s: LoopState) -> LoopState:
+        it, delta, opt_state, active, taken, losses, nlls = s
         (_, (total, nll)), g = jax.value_and_grad(loss_fn, has_aux=True)(delta)
         losses = losses.at[it].set(jnp.where(active, total, losses[it]))
         nlls = nlls.at[it].set(jnp.where(active, nll, nlls[it]))
@@ -224,25 +306,124 @@ def optimize_targets_grouped(
         scale = jnp.where(nn > max_norm, max_norm / jnp.where(nn > 0, nn, 1.0), 1.0)
         new = new * scale[:, None]
         delta = jnp.where(active[:, None], new, delta)
-        return it + 1, delta, opt_state, active, taken + active.astype(jnp.int32), losses, nlls
+        return LoopState(it + 1, delta, opt_state, active, taken + active.astype(jnp.int32), losses, nlls)
 
     # The loop ends as soon as every request has stopped (reference: per-request early stop at
     # 5e-2, at most steps-1 Adam updates); a stopped request's loss curve holds its last value.
-    nan = jnp.full((hp.steps, n_pad), jnp.nan, h0.dtype)
-    init = (jnp.asarray(0), delta0, opt.init(delta0), batch.valid > 0, jnp.zeros((n_pad,), jnp.int32),
-            nan, nan)
-    _, delta, _, _, taken, losses, nlls = jax.lax.while_loop(cond, body, init)
-    fill_forward = lambda x: jax.lax.associative_scan(  # noqa: E731
-        lambda a, b: jnp.where(jnp.isnan(b), a, b), x, axis=0)
-    losses, nlls = fill_forward(losses), fill_forward(nlls)
-    Z = (h0 + delta).T * batch.valid
-    chex.assert_shape(Z, (cfg.d_model, n_pad))
-    return StageIResult(Z=Z, H0=h0.T * batch.valid, delta=delta, losses=losses, nll=nlls, steps_taken=taken)
+    if state is None:
+        delta0 = jnp.zeros((n_pad, cfg.d_model), h0.dtype)
+        nan = jnp.full((hp.steps, n_pad), jnp.nan, h0.dtype)
+        state = LoopState(jnp.asarray(0), delta0, opt.init(delta0), batch.valid > 0,
+                          jnp.zeros((n_pad,), jnp.int32), nan, nan)
+    return jax.lax.while_loop(cond, body, state), h0
+
+
+def _fill_forward(x: Array) -> Array:
+    """Along axis 0, replace NaN by the last non-NaN value (a stopped request's loss is held)."""
+    return jax.lax.associative_scan(lambda a, b: jnp.where(jnp.isnan(b), a, b), x, axis=0)
+
+
+def _result(cfg: ModelConfig, s: LoopState, h0: Array, valid: Array) -> StageIResult:
+    Z = (h0 + s.delta).T * valid
+    chex.assert_shape(Z, (cfg.d_model, valid.shape[0]))
+    return StageIResult(Z=Z, H0=h0.T * valid, delta=s.delta, losses=_fill_forward(s.losses),
+                        nll=_fill_forward(s.nlls), steps_taken=s.taken)
+
+
+@partial(jax.jit, static_argnames=("cfg", "L", "hp", "widths"))
+def optimize_targets_grouped(
+    cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
+    widths: tuple[int, ...] | tuple[GroupWidths, ...],
+) -> StageIResult:
+    """Stage I for every request of ``batch`` in one jitted computation (docs/FORMULAS.md §3).
+
+    ``order`` / ``widths`` come from ``row_groups``; rows are run group by group and their loss
+    terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.  ``GroupWidths``
+    widths select prefix reuse (module docstring); plain int widths run the full rows every step.
+    """
+    s, h0 = _stage1_loop(cfg, params, batch, order, L, hp, widths, None, 0)
+    return _result(cfg, s, h0, batch.valid)
+
+
+@partial(jax.jit, static_argnames=("cfg", "L", "hp", "widths", "min_active"))
+def stage1_phase(
+    cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
+    widths: tuple[int, ...] | tuple[GroupWidths, ...], state: LoopState | None, min_active: int,
+) -> tuple[LoopState, Array]:
+    """One compaction phase (module docstring): steps until at most ``min_active`` requests are
+    active (or none / ``hp.steps``).  Returns (loop state, h0 (n_pad, d))."""
+    return _stage1_loop(cfg, params, batch, order, L, hp, widths, state, min_active)
+
+
+def _smaller_bucket(n_pad: int) -> int:
+    """The largest request bucket below ``n_pad`` (0 for 1): a phase ends when the active fit it."""
+    below = [m for m in range(n_pad - 1, 0, -1) if bucket_requests(m) == m]
+    return below[0] if below else 0
+
+
+def _take_state(s: LoopState, sel: np.ndarray, valid: np.ndarray) -> LoopState:
+    """The loop state of requests ``sel`` (padding copies made inactive)."""
+    idx = jnp.asarray(sel)
+    n_old = s.delta.shape[0]
+    rows = lambda x: x[idx] if x.ndim >= 1 and x.shape[0] == n_old else x  # noqa: E731
+    return LoopState(it=s.it, delta=s.delta[idx], opt_state=jax.tree.map(rows, s.opt_state),
+                     active=s.active[idx] & jnp.asarray(valid > 0), taken=s.taken[idx],
+                     losses=s.losses[:, idx], nlls=s.nlls[:, idx])
+
+
+def optimize_targets_compacted(
+    cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
+) -> StageIResult:
+    """Stage I with converged requests dropped between phases (module docstring, "Compaction").
+
+    Each phase is one jitted loop; between phases the host reads the active flags (a few
+    transfers per batch) and gathers the active requests and their loop state.
+    """
+    host = EditBatch(*[np.asarray(x) for x in batch])
+    n_pad = host.valid.shape[0]
+    ids = np.arange(n_pad)  # original index of each request of the current sub-batch
+    sub, state, h0_all = batch, None, None
+    d = cfg.d_model
+    delta_all = np.zeros((n_pad, d), np.float32)
+    losses_all = np.full((hp.steps, n_pad), np.nan, np.float32)
+    nlls_all = losses_all.copy()
+    taken_all = np.zeros((n_pad,), np.int32)
+    sub_host = host
+    while True:
+        order, widths = row_groups(sub_host, hp.row_groups, hp.prefix_reuse)
+        cur = sub_host.valid.shape[0]
+        state, h0 = stage1_phase(cfg, params, sub, jnp.asarray(order), L, hp, widths, state, _smaller_bucket(cur))
+        if h0_all is None:
+            h0_all = h0
+            delta_all = delta_all.astype(np.asarray(h0).dtype)
+            losses_all, nlls_all = losses_all.astype(delta_all.dtype), nlls_all.astype(delta_all.dtype)
+        real = sub_host.valid > 0
+        delta_all[ids[real]] = np.asarray(state.delta)[real]
+        losses_all[:, ids[real]] = np.asarray(state.losses)[:, real]
+        nlls_all[:, ids[real]] = np.asarray(state.nlls)[:, real]
+        taken_all[ids[real]] = np.asarray(state.taken)[real]
+        active = np.asarray(state.active)
+        if int(state.it) >= hp.steps or not active.any():
+            break
+        keep = np.nonzero(active)[0]
+        m = bucket_requests(len(keep))
+        sel = np.concatenate([keep, np.full(m - len(keep), keep[-1])])
+        valid = (np.arange(m) < len(keep)).astype(np.float32)
+        sub_host = take_requests(sub_host, sel, valid)
+        sub = EditBatch(*[jnp.asarray(x) for x in sub_host])
+        state = _take_state(state, sel, valid)
+        ids = ids[sel]
+    s = LoopState(it=state.it, delta=jnp.asarray(delta_all), opt_state=None, active=None,
+                  taken=jnp.asarray(taken_all), losses=jnp.asarray(losses_all), nlls=jnp.asarray(nlls_all))
+    return _result(cfg, s, h0_all, batch.valid)
 
 
 def optimize_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig
 ) -> StageIResult:
-    """Stage I (docs/FORMULAS.md §3): split the rows into ``hp.row_groups`` groups, run the jitted loop."""
-    order, widths = row_groups(batch, hp.row_groups)
+    """Stage I (docs/FORMULAS.md §3): split the rows into ``hp.row_groups`` groups, run the jitted
+    loop; with ``hp.compact``, in phases that drop converged requests (``optimize_targets_compacted``)."""
+    if hp.compact and batch.valid.shape[0] > 1:
+        return optimize_targets_compacted(cfg, params, batch, L, hp)
+    order, widths = row_groups(batch, hp.row_groups, hp.prefix_reuse)
     return optimize_targets_grouped(cfg, params, batch, jnp.asarray(order), L, hp, widths)

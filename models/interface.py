@@ -13,6 +13,12 @@ Hooks:
   of those layers gathered at those positions.
 * ``start_layer`` / ``h_start``: begin from the hidden states entering ``start_layer`` (caching the
   layers below); ``stop_layer``: stop after block ``stop_layer - 1`` and return no logits.
+
+Prefix reuse (Stage I, docs/FORMULAS.md §3): ``run_layers_kv`` runs blocks over whole rows once and
+returns every block's attention keys/values; ``run_layers_after_prefix`` then runs the same blocks
+over only a suffix of each row (from a per-row start on, at its absolute positions), attending to
+the cached keys/values of the positions before it (a ``KVPrefix``).  Causal attention makes this
+exact whenever the change being studied enters at or after the suffix start.
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ Array = jax.Array
 Params = dict[str, Any]
 
 __all__ = [
-    "AddAt", "Context", "ForwardOut", "WDeltas", "block_at", "embed", "forward", "gather_positions",
-    "head", "layer_params", "make_context", "run_layers", "w_out", "with_w_out", "W_OUT_PATH",
+    "AddAt", "Context", "ForwardOut", "KVPrefix", "WDeltas", "block_at", "embed", "forward", "gather_positions",
+    "head", "layer_params", "make_context", "run_layers", "run_layers_after_prefix", "run_layers_kv",
+    "suffix_positions", "w_out", "with_w_out", "W_OUT_PATH",
 ]
 
 
@@ -48,6 +55,18 @@ class AddAt(NamedTuple):
     layer: int  # static
     positions: Array  # (B,) int
     delta: Array  # (B, d)
+
+
+class KVPrefix(NamedTuple):
+    """Cached attention keys/values of the positions before each row's suffix.
+
+    k, v:    (n, B, P, Hkv, hd) one slice per block run (after rotary, as ``layers.qkv_proj`` returns)
+    allowed: (B, P) bool, True on the cached positions a suffix token may see (before its row's start)
+    """
+
+    k: Array
+    v: Array
+    allowed: Array
 
 
 class ForwardOut(NamedTuple):
@@ -154,6 +173,63 @@ def run_layers(
 
     step = jax.checkpoint(body, prevent_cse=False) if cfg.remat else body
     h, _ = jax.lax.scan(step, h, jnp.arange(start, stop))
+    return h
+
+
+def run_layers_kv(
+    cfg: ModelConfig, params: Params, h: Array, ctx: Context, start: int, stop: int
+) -> tuple[Array, tuple[Array, Array]]:
+    """Run blocks ``start..stop-1`` (no hooks) over h (B, T, d); also return each block's attention
+    (k, v), stacked (stop - start, B, T, Hkv, hd), for ``run_layers_after_prefix``."""
+
+    def body(x, i):
+        attn = lambda p, hn: L.attention_kv(cfg, p, hn, ctx)  # noqa: E731
+        out, _, kv = L.block_with_attention(cfg, layer_params(params, i), x, attn)
+        return out, kv
+
+    return jax.lax.scan(body, h, jnp.arange(start, stop))
+
+
+def suffix_positions(starts: Array, width: int, length: int) -> tuple[Array, Array]:
+    """(index (B, width) = starts[b] + j clipped to [0, length), in_range (B, width) bool)."""
+    idx = starts[:, None].astype(jnp.int32) + jnp.arange(width, dtype=jnp.int32)[None]
+    return jnp.clip(idx, 0, length - 1), idx < length
+
+
+def run_layers_after_prefix(
+    cfg: ModelConfig,
+    params: Params,
+    x: Array,
+    positions: Array,
+    mask: Array,
+    prefix: KVPrefix,
+    start: int,
+    stop: int,
+) -> Array:
+    """Run blocks ``start..stop-1`` over suffix tokens only, attending to a cached prefix.
+
+    x: (B, S, d) hidden states entering block ``start`` at the suffix positions; positions (B, S)
+    their absolute position ids (rotary); mask (B, S) real suffix tokens; ``prefix`` the keys and
+    values of blocks ``start..stop-1`` (``prefix.k.shape[0] == stop - start``) at the positions
+    before the suffix, from ``run_layers_kv``.  Returns (B, S, d): equal to the full-row forward
+    at those positions when the prefix states do not depend on anything that changed.
+    Raises ValueError when the cache does not hold ``stop - start`` blocks.
+    """
+    if stop <= start:
+        return x
+    if prefix.k.shape[0] != stop - start:
+        raise ValueError(f"prefix cache holds {prefix.k.shape[0]} blocks; "
+                         f"blocks {start}..{stop - 1} need {stop - start}")
+
+    def body(h, xs):
+        i, pk, pv = xs
+        attn = lambda p, hn: (  # noqa: E731
+            L.attention_after_prefix(cfg, p, hn, positions, mask, pk, pv, prefix.allowed), None)
+        out, _, _ = L.block_with_attention(cfg, layer_params(params, i), h, attn)
+        return out, None
+
+    step = jax.checkpoint(body, prevent_cse=False) if cfg.remat else body
+    h, _ = jax.lax.scan(step, x.astype(cfg.dtype), (jnp.arange(start, stop), prefix.k, prefix.v))
     return h
 
 

@@ -147,21 +147,60 @@ def qkv_proj(cfg: ModelConfig, p: Params, x: Array, positions: Array) -> tuple[A
     return q, k, v
 
 
-def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
-    b, t, _ = x.shape
-    h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.hd
-    q, k, v = qkv_proj(cfg, p, x, ctx.positions)
-    if kvh != h:
-        k = jnp.repeat(k, h // kvh, axis=2)
-        v = jnp.repeat(v, h // kvh, axis=2)
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, allowed: Array) -> Array:
+    """Softmax attention: q (B, Tq, H, hd) over k, v (B, Tk, Hkv, hd) where ``allowed`` (B, Tq, Tk)
+    is True; returns (B, Tq, H·hd).  GQA: kv head j serves query heads j·H/Hkv … (j+1)·H/Hkv - 1.
+
+    Every query must be allowed at least one key (a fully masked query gets a uniform average).
+    """
+    b, tq, h, hd = q.shape
+    if k.shape[2] != h:
+        k = jnp.repeat(k, h // k.shape[2], axis=2)
+        v = jnp.repeat(v, h // v.shape[2], axis=2)
     scores = jnp.einsum("bqhd,bkhd->bhqk", f32(q), f32(k))
     scores = scores / jnp.sqrt(jnp.asarray(hd, scores.dtype))
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    allowed = causal[None, None] & ctx.mask[:, None, None, :]
-    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    scores = jnp.where(allowed[:, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h * hd)
-    return dense(p["o"], out)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, tq, h * hd)
+
+
+def causal_allowed(mask: Array) -> Array:
+    """(B, T) real-token mask -> (B, T, T): query t sees real keys at positions <= t."""
+    t = mask.shape[1]
+    return jnp.tril(jnp.ones((t, t), dtype=bool))[None] & mask[:, None, :]
+
+
+def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
+    q, k, v = qkv_proj(cfg, p, x, ctx.positions)
+    return dense(p["o"], attend(cfg, q, k, v, causal_allowed(ctx.mask)))
+
+
+def attention_kv(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> tuple[Array, tuple[Array, Array]]:
+    """``attention`` that also returns this layer's (k, v), each (B, T, Hkv, hd) after rotary."""
+    q, k, v = qkv_proj(cfg, p, x, ctx.positions)
+    return dense(p["o"], attend(cfg, q, k, v, causal_allowed(ctx.mask))), (k, v)
+
+
+def attention_after_prefix(
+    cfg: ModelConfig, p: Params, x: Array, positions: Array, mask: Array,
+    prefix_k: Array, prefix_v: Array, prefix_allowed: Array,
+) -> Array:
+    """Attention of suffix tokens over a cached prefix and themselves (docs/FORMULAS.md §3, prefix reuse).
+
+    x: (B, S, d) suffix inputs at absolute ``positions`` (B, S); mask (B, S) real suffix tokens;
+    prefix_k / prefix_v (B, P, Hkv, hd) keys/values (after rotary) of the positions before the
+    suffix; prefix_allowed (B, P) which of them are real.  Every suffix query sees every allowed
+    prefix key and the real suffix keys up to itself — the same set causal attention over the
+    whole row gives it, so the output equals ``attention`` on the full row at those positions.
+    """
+    q, k, v = qkv_proj(cfg, p, x, positions)
+    s = x.shape[1]
+    allowed = jnp.concatenate(
+        [jnp.broadcast_to(prefix_allowed[:, None, :], (x.shape[0], s, prefix_k.shape[1])), causal_allowed(mask)],
+        axis=-1)
+    kk = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
+    vv = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
+    return dense(p["o"], attend(cfg, q, kk, vv, allowed))
 
 
 # ----------------------------------------------------------------------------- MLP

@@ -190,3 +190,98 @@ def test_request_errors_name_case_and_field(setup):
         with pytest.raises(RequestError) as e:
             prepare_batch(tok, [req], TEMPLATES)
         assert str(req.case_id) in str(e.value) and field in str(e.value)
+
+
+# ----------------------------------------------------------------------------- prefix reuse (issue 15)
+
+# subject at the start (bare template; "The" is one token, so the prefix is empty), in the middle, at
+# the end of the prompt; the context templates put every subject after a prefix too.
+POS_REQS = [
+    SimpleNamespace(case_id=11, subject="The", prompt="{} Eiffel Tower is located in", target_new="Rome"),
+    SimpleNamespace(case_id=12, subject="Danielle Darrieux", prompt="The mother tongue of {} is",
+                    target_new="English"),
+    SimpleNamespace(case_id=13, subject="Toko Yasuda", prompt="The guitar is played by {}", target_new="piano"),
+]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gptj", "llama"])
+def family_setup(request):
+    hf = tiny_hf_model(request.param)
+    with torch.no_grad():  # larger hidden norms so the weight-decay term does not dominate
+        for p in hf.get_input_embeddings().parameters():
+            p.mul_(20.0)
+    cfg, params = to_jax(hf)
+    return tiny_tokenizer(), cfg, params
+
+
+def test_prefix_reuse_changes_no_number(family_setup):
+    """Steps over the suffix only, attending to cached prefix K/V = steps over whole rows (§3)."""
+    tok, cfg, params = family_setup
+    b, n = prepare_batch(tok, POS_REQS, TEMPLATES)
+    lookup, per = b.lookup, b.tokens.shape[0] // b.valid.shape[0]
+    assert lookup[0] == 0  # subject at the very start: nothing cached for that row
+    assert 0 < lookup[per] < b.tgt_pos[per, 0]  # in the middle
+    assert lookup[2 * per] == b.tgt_pos[2 * per, 0]  # at the end: the target follows at once
+    _, widths = row_groups(b, 4, prefix_reuse=True)
+    assert max(w.suffix for w in widths) < max(w.full for w in widths)  # the steps really run fewer tokens
+    for L_, groups in ((1, 4), (2, 1)):
+        hp = dataclasses.replace(HP, steps=8, row_groups=groups)
+        b_ = EditBatch(*map(jnp.asarray, b))
+        ref = optimize_targets(cfg, params, b_, L_, dataclasses.replace(hp, prefix_reuse=False))
+        res = optimize_targets(cfg, params, b_, L_, dataclasses.replace(hp, prefix_reuse=True))
+        assert np.abs(np.asarray(ref.delta)[:n]).max() > 1e-2  # the targets moved
+        np.testing.assert_allclose(np.asarray(res.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(res.H0), np.asarray(ref.H0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(res.steps_taken), np.asarray(ref.steps_taken))
+        np.testing.assert_allclose(np.asarray(res.losses)[:, :n], np.asarray(ref.losses)[:, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_compaction_changes_no_number(family_setup):
+    """Converged requests leaving the batch (smaller buckets between phases) = masking them (§3)."""
+    tok, cfg, params = family_setup
+    reqs = POS_REQS + REQS  # 6 requests: bucket 8 -> 4 -> 2 -> 1 as they converge
+    b, n = prepare_batch(tok, reqs, TEMPLATES)
+    b = EditBatch(*map(jnp.asarray, b))
+    hp = dataclasses.replace(HP, lr=0.5, steps=10, weight_decay=0.0, kl_factor=0.0)
+    probe = np.asarray(optimize_targets(cfg, params, b, L, dataclasses.replace(hp, compact=False)).losses)[:, :n]
+
+    def stops(thr):  # a request stops at the first step whose loss is below thr (the loop's rule)
+        return np.array([min([t for t in range(hp.steps) if probe[t, i] < thr] + [hp.steps - 1]) for i in range(n)])
+
+    # an early-stop threshold that requests meet at different steps, enough of them for the
+    # bucket of 8 to shrink, one still running at the end
+    vals = np.unique(probe[1:5])
+    ok = lambda st: ((st < hp.steps - 1).sum() >= 3 and ((st > 0) & (st < hp.steps - 1)).any()  # noqa: E731
+                     and st.max() == hp.steps - 1)
+    thr = next(float(t) for t in (vals[1:] + vals[:-1]) / 2 if ok(stops(t)))  # midway: no tie with a loss
+    hp = dataclasses.replace(hp, early_stop=thr)
+    for reuse in (False, True):
+        ref = optimize_targets(cfg, params, b, L, dataclasses.replace(hp, compact=False, prefix_reuse=reuse))
+        res = optimize_targets(cfg, params, b, L, dataclasses.replace(hp, compact=True, prefix_reuse=reuse))
+        np.testing.assert_array_equal(np.asarray(ref.steps_taken)[:n], stops(thr))
+        np.testing.assert_array_equal(np.asarray(res.steps_taken), np.asarray(ref.steps_taken))
+        np.testing.assert_allclose(np.asarray(res.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(res.H0), np.asarray(ref.H0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(res.losses)[:, :n], np.asarray(ref.losses)[:, :n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(res.nll)[:, :n], np.asarray(ref.nll)[:, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_edit_weights_equal_with_and_without_savings():
+    """The written weights (AlphaEdit, two layers) are the same with prefix reuse and compaction on or off."""
+    from metake_jax.editor import EditConfig, edit_batch, init_state
+    from metake_jax.write import EditorConfig
+
+    tok = tiny_tokenizer()
+    cfg, params = to_jax(tiny_hf_model("llama"))
+    layers = (1, 2)
+    eye = jnp.broadcast_to(jnp.eye(cfg.d_ff), (len(layers), cfg.d_ff, cfg.d_ff))
+    reqs = POS_REQS + REQS[:2]
+    kernels = []
+    for on in (False, True):
+        hp = dataclasses.replace(HP, lr=0.5, steps=6, early_stop=5.8, prefix_reuse=on, compact=on)
+        ecfg = EditConfig(layers=layers, stage1=hp, editor=EditorConfig(method="alphaedit", l2=1.0))
+        state, rep = edit_batch(cfg, init_state(params, cfg, layers, P=eye), tok, reqs, TEMPLATES, ecfg)
+        kernels.append(np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]))
+    k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
+    assert np.abs(kernels[0] - k0)[list(layers)].max() > 1e-4  # something was written
+    np.testing.assert_allclose(kernels[1], kernels[0], rtol=1e-5, atol=1e-5)
