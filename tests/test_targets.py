@@ -269,7 +269,7 @@ def test_compaction_changes_no_number(family_setup):
 def test_edit_weights_equal_with_and_without_savings():
     """The written weights (AlphaEdit, two layers) are the same with prefix reuse and compaction on or off."""
     from metake_jax.editor import EditConfig, edit_batch, init_state
-    from metake_jax.write import EditorConfig
+    from metake_jax.editors.alphaedit import AlphaEdit
 
     tok = tiny_tokenizer()
     cfg, params = to_jax(tiny_hf_model("llama"))
@@ -279,7 +279,7 @@ def test_edit_weights_equal_with_and_without_savings():
     kernels = []
     for on in (False, True):
         hp = dataclasses.replace(HP, lr=0.5, steps=6, early_stop=5.8, prefix_reuse=on, compact=on)
-        ecfg = EditConfig(layers=layers, stage1=hp, editor=EditorConfig(method="alphaedit", l2=1.0))
+        ecfg = EditConfig(layers=layers, stage1=hp, editor=AlphaEdit(l2=10.0))  # the reference λ
         state, rep = edit_batch(cfg, init_state(params, cfg, layers, P=eye), tok, reqs, TEMPLATES, ecfg)
         kernels.append(np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]))
     k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
