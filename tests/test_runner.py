@@ -200,6 +200,8 @@ def _legacy_fingerprint(d: dict) -> dict:
         section, leaf = path.split(".")
         if fp[section].get(leaf) == default:
             del fp[section][leaf]
+    for leaf in ("prefix_reuse", "compact"):  # Stage I speed switches, added after the ConfigDict runner
+        fp["stage1"].pop(leaf, None)
     return fp
 
 
