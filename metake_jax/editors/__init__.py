@@ -22,6 +22,7 @@ EDITOR_MODULES: dict[str, str] = {
     "rome": "metake_jax.editors.rome",
     "emmet": "metake_jax.editors.emmet",
     "blue": "metake_jax.editors.blue",
+    "pmet": "metake_jax.editors.pmet",
 }
 
 __all__ = ["EDITOR_MODULES", "Editor", "LayerStats", "NotGatedError", "build", "default_config", "get", "names"]
