@@ -24,6 +24,9 @@ sub-batch of that size (``batch.take_requests``) for the next phase.  Adam is pe
 loss a sum of per-request terms, so no number changes.
 
 The same loss pieces (``edit_and_loc_losses``) are reused by MetaKE's virtual look-ahead (§6).
+
+PMET's variant (``optimize_attn_ffn_targets``, docs/FORMULAS.md §4 "PMET") shifts block L's attention
+and FFN outputs instead of its output and returns FFN-output targets; it runs the rows at one width.
 """
 from __future__ import annotations
 
