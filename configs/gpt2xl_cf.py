@@ -19,6 +19,11 @@ METHOD_PRESETS = {
     "emmet": {"editor.emmet.layers": (17,), "editor.emmet.mom2_update_weight": 1000.0, "editor.emmet.emmet_lambda": 0.1,
               "editor.emmet.update_norm_lambda": 0.0, "stage1.lr": 0.5, "stage1.steps": 20,
               "stage1.clamp_norm_factor": 0.75, "stage1.weight_decay": 0.5, "stage1.kl_factor": 0.0625},
+    # BASELINES.md §5 xpq-tech/BLUE hparams/AlphaEdit/gpt2-xl-blue.json (boundary layers (13, 17) = first/last of
+    # MODEL["layers"]); §4 BLUE hparams/PMET/gpt2-xl.json
+    "blue": {"editor.blue.l2": 80.0},
+    "pmet": {"stage1.clamp_norm_factor": 2.0, "stage1.lr": 0.5, "stage1.steps": 20,
+             "editor.pmet.mom2_update_weight": 10000.0},
 }
 
 

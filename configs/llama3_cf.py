@@ -20,6 +20,11 @@ METHOD_PRESETS = {
     "emmet": {"editor.emmet.layers": (5,), "editor.emmet.mom2_update_weight": 1.0, "editor.emmet.emmet_lambda": 0.1,
               "editor.emmet.update_norm_lambda": 0.0, "stage1.lr": 0.5, "stage1.steps": 25,
               "stage1.clamp_norm_factor": 4.0, "stage1.weight_decay": 1e-3, "stage1.kl_factor": 0.0625},
+    # BASELINES.md §5 xpq-tech/BLUE hparams/AlphaEdit/Llama3-8B-blue.json (boundary layers (4, 8));
+    # §4 BLUE hparams/PMET/Llama3-8B.json
+    "blue": {"editor.blue.l2": 1.0},
+    "pmet": {"stage1.clamp_norm_factor": 0.75, "stage1.lr": 0.1, "stage1.steps": 25,
+             "editor.pmet.mom2_update_weight": 15000.0},
 }
 
 

@@ -20,7 +20,7 @@ from metake_jax.editors import Editor, LayerStats, NotGatedError
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
-from metake_jax.targets import StageIConfig, optimize_targets
+from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
 from metake_jax.write import apply_deltas, check_write, multilayer_write, updated_key_cache
 from models.config import ModelConfig
@@ -111,6 +111,10 @@ def compute_targets(
 ) -> tuple[Array, Any, Any]:
     """Stage I and (if configured) the MetaKE refinement. Returns (Z, stage1 result, refine result)."""
     L = ecfg.layers[-1]
+    if ecfg.editor.targets == "attn_ffn":  # PMET: δ_attn + δ_mlp, Z in FFN-output space
+        s1 = _timed(timings, "stage1", optimize_attn_ffn_targets, cfg, state.params, batch, L, ecfg.stage1,
+                    float(getattr(ecfg.editor, "nll_loss_factor", 1.0)))
+        return s1.Z, s1, None
     s1 = _timed(timings, "stage1", optimize_targets, cfg, state.params, batch, L, ecfg.stage1)
     Z, ref = s1.Z, None
     if ecfg.metake is not None and ecfg.metake.steps > 0:

@@ -24,6 +24,9 @@ sub-batch of that size (``batch.take_requests``) for the next phase.  Adam is pe
 loss a sum of per-request terms, so no number changes.
 
 The same loss pieces (``edit_and_loc_losses``) are reused by MetaKE's virtual look-ahead (§6).
+
+PMET's variant (``optimize_attn_ffn_targets``, docs/FORMULAS.md §4 "PMET") shifts block L's attention
+and FFN outputs instead of its output and returns FFN-output targets; it runs the rows at one width.
 """
 from __future__ import annotations
 
@@ -41,8 +44,8 @@ from metake_jax.batch import EditBatch, take_requests
 from metake_jax.tokens import bucket, bucket_requests
 from models.config import ModelConfig
 from models.interface import (
-    AddAt, KVPrefix, WDeltas, block_at, forward, gather_positions, head, make_context, run_layers_after_prefix,
-    run_layers_kv, suffix_positions,
+    AddAt, KVPrefix, WDeltas, block_at, block_parts_at, forward, gather_positions, head, make_context,
+    run_layers_after_prefix, run_layers_kv, suffix_positions,
 )
 from models.layers import f32
 
@@ -427,3 +430,110 @@ def optimize_targets(
         return optimize_targets_compacted(cfg, params, batch, L, hp)
     order, widths = row_groups(batch, hp.row_groups, hp.prefix_reuse)
     return optimize_targets_grouped(cfg, params, batch, jnp.asarray(order), L, hp, widths)
+
+
+# ----------------------------------------------------------------------------- PMET: attention + FFN targets
+
+
+class AttnFFNResult(NamedTuple):
+    """PMET's Stage I (docs/FORMULAS.md §4 "PMET"): the FFN-output target is the one written."""
+
+    Z: Array  # (d, n_pad) z_mlp = m0 + δ_mlp (FFN output space)
+    H0: Array  # (d, n_pad) m0: FFN output of block L at the bare prompt's subject-last token
+    delta: Array  # (n_pad, d) δ_mlp
+    Z_attn: Array  # (d, n_pad) z_attn = a0 + δ_attn (reported, not written)
+    delta_attn: Array  # (n_pad, d)
+    losses: Array  # (steps, n_pad)
+    nll: Array  # (steps, n_pad) unweighted NLL
+    steps_taken: Array  # (n_pad,)
+
+
+def attn_ffn_terms(cfg: ModelConfig, params: Any, batch: EditBatch, L: int, h_in: Array, d_attn: Array,
+                   d_mlp: Array, logp_init: Array) -> tuple[Array, Array, Array]:
+    """Per request (n_pad,): (NLL of the new target, KL(P_cur ‖ P_init) on the KL prompt, whether the new
+    target is the argmax at every target position of every rewriting prompt), with ``d_attn`` / ``d_mlp``
+    (n_pad, d) added to block L's attention / FFN outputs at each row's subject-last token.
+
+    ``h_in`` (R, T, d): hidden states entering block L (``lower_hidden``); ``logp_init`` (R, V)."""
+    ctx = make_context(batch.mask)
+    onehot = jax.nn.one_hot(batch.lookup, batch.mask.shape[1], dtype=h_in.dtype)[:, :, None]  # (R, T, 1)
+    h, _, _, _ = block_parts_at(cfg, params, L, h_in, ctx, attn_add=onehot * rows_of(batch, d_attn)[:, None, :],
+                                mlp_add=onehot * rows_of(batch, d_mlp)[:, None, :])
+    h = forward(cfg, params, None, batch.mask, h_start=h, start_layer=L + 1, stop_layer=cfg.n_layers).last_hidden
+    logits_t = head(cfg, params, gather_positions(h, batch.tgt_pos))
+    logits_k = head(cfg, params, gather_positions(h, batch.lookup[:, None]))[:, 0]
+    row_nll, kl_rows = row_terms(logits_t, logits_k, batch, logp_init)
+    hit = (jnp.argmax(logits_t, axis=-1) == batch.tgt_ids) | (batch.tgt_mask == 0)
+    row_miss = 1.0 - jnp.all(hit, axis=-1).astype(jnp.float32)
+    argmax_ok = ((batch.nll_avg > 0).astype(jnp.float32) @ row_miss) == 0
+    return batch.nll_avg @ row_nll, batch.kl_sel @ kl_rows, argmax_ok
+
+
+@partial(jax.jit, static_argnames=("cfg", "L", "hp", "nll_loss_factor"))
+def optimize_attn_ffn_targets(cfg: ModelConfig, params: Any, batch: EditBatch, L: int, hp: StageIConfig,
+                              nll_loss_factor: float = 1.0) -> AttnFFNResult:
+    """PMET's Stage I for every request of ``batch`` in one jitted loop (docs/FORMULAS.md §4 "PMET";
+    BASELINES.md §4, xpq-tech/BLUE ``pmet/compute_zs.py``).
+
+    Two vectors per request, δ_attn and δ_mlp (d,), added to block L's attention output and FFN output at
+    the subject's last token of every row, optimised jointly by one Adam (lr ``hp.lr``) on
+    ``f·NLL + kl_factor·KL + wd·(‖δ_mlp‖/‖m0‖² + ‖δ_attn‖/‖a0‖²)`` (m0, a0: the unshifted FFN and attention
+    outputs at the bare prompt).  f starts at ``nll_loss_factor``; after a step at which the new target is
+    the argmax at every target position it is 0.1·``nll_loss_factor`` for the next step (else reset), and
+    the request stops when in addition KL < 0.01; it also stops at loss < ``hp.early_stop`` or after
+    ``hp.steps − 1`` updates.  Each δ is clamped to ``hp.clamp_norm_factor`` × the norm of its own m0 / a0.
+    One padded row width (no row groups).  Returns ``AttnFFNResult`` with Z = m0 + δ_mlp (d, n_pad).
+    """
+    n_pad = batch.valid.shape[0]
+    valid = batch.valid > 0
+    h_in = lower_hidden(cfg, params, batch, L)
+    _, _, a_rows, m_rows = block_parts_at(cfg, params, L, h_in, make_context(batch.mask))
+    a0 = f32(gather_positions(a_rows, batch.lookup[:, None])[:, 0])[batch.bare_row]  # (n_pad, d)
+    m0 = f32(gather_positions(m_rows, batch.lookup[:, None])[:, 0])[batch.bare_row]
+    a0_norm, m0_norm = safe_norm(a0), safe_norm(m0)
+    pad = 1.0 - valid.astype(a0.dtype)  # padded requests: no division by a zero norm
+    zeros = jnp.zeros((n_pad, cfg.d_model), a0.dtype)
+    _, logits_k0 = upper_logits(cfg, params, batch, h_in, L)
+    logp_init = jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1))
+
+    def loss_fn(ds, factor):
+        d_attn, d_mlp = ds
+        nll, kl, ok = attn_ffn_terms(cfg, params, batch, L, h_in, d_attn, d_mlp, logp_init)
+        wd = hp.weight_decay * (safe_norm(d_mlp) / (jnp.square(m0_norm) + pad)
+                                + safe_norm(d_attn) / (jnp.square(a0_norm) + pad))
+        total = jnp.where(valid, factor * nll + hp.kl_factor * kl + wd, 0.0)
+        return jnp.sum(total), (total, nll, kl, ok)
+
+    opt = optax.adam(hp.lr)
+    max_a, max_m = hp.clamp_norm_factor * a0_norm, hp.clamp_norm_factor * m0_norm
+
+    def clamp(x, mx):
+        nx = safe_norm(x)
+        return x * jnp.where(nx > mx, mx / jnp.where(nx > 0, nx, 1.0), 1.0)[:, None]
+
+    def cond(carry):
+        return (carry[0] < hp.steps) & jnp.any(carry[4])
+
+    def body(carry):
+        it, ds, opt_state, factor, active, taken, losses, nlls = carry
+        (_, (total, nll, kl, ok)), g = jax.value_and_grad(loss_fn, has_aux=True)(ds, factor)
+        losses = losses.at[it].set(jnp.where(active, total, losses[it]))
+        nlls = nlls.at[it].set(jnp.where(active, nll, nlls[it]))
+        stop = (total < hp.early_stop) | (ok & (kl < 0.01)) | (it >= hp.steps - 1)
+        active = active & ~stop
+        upd, opt_state = opt.update(g, opt_state, ds)
+        new = (clamp(ds[0] + upd[0], max_a), clamp(ds[1] + upd[1], max_m))
+        ds = tuple(jnp.where(active[:, None], n, o) for n, o in zip(new, ds))
+        factor = jnp.where(ok, 0.1 * nll_loss_factor, nll_loss_factor).astype(factor.dtype)
+        return it + 1, ds, opt_state, factor, active, taken + active.astype(jnp.int32), losses, nlls
+
+    nan = jnp.full((hp.steps, n_pad), jnp.nan, a0.dtype)
+    ds0 = (zeros, zeros)
+    init = (jnp.asarray(0), ds0, opt.init(ds0), jnp.full((n_pad,), nll_loss_factor, a0.dtype), valid,
+            jnp.zeros((n_pad,), jnp.int32), nan, nan)
+    _, (d_attn, d_mlp), _, _, _, taken, losses, nlls = jax.lax.while_loop(cond, body, init)
+    fill_forward = lambda x: jax.lax.associative_scan(  # noqa: E731
+        lambda a, b: jnp.where(jnp.isnan(b), a, b), x, axis=0)
+    v = batch.valid
+    return AttnFFNResult(Z=(m0 + d_mlp).T * v, H0=m0.T * v, delta=d_mlp, Z_attn=(a0 + d_attn).T * v,
+                         delta_attn=d_attn, losses=fill_forward(losses), nll=fill_forward(nlls), steps_taken=taken)

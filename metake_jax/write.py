@@ -24,7 +24,7 @@ from metake_jax.editors.linalg import SolveDiagnostics, check_solve
 from metake_jax.errors import EditError
 from metake_jax.keys import keys_and_hidden
 from models.config import ModelConfig
-from models.interface import w_out, with_w_out
+from models.interface import ffn_output, w_out, with_w_out
 
 Array = jax.Array
 
@@ -34,8 +34,13 @@ def editor_keys(cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[i
     """Keys as ``editor`` reads them: (K (m, d_k, n_pad), H_L (d, n_pad), K_bare (m, d_k, n_pad) or None).
 
     ``editor.key_average``: ``grouped`` (MEMIT's ½·bare + ½·templates) or ``uniform`` (ROME's mean over
-    the rewriting rows); ``K_bare`` (the bare prompt's keys) only when ``editor.uses_bare_keys``."""
+    the rewriting rows); ``K_bare`` (the bare prompt's keys) only when ``editor.uses_bare_keys``.
+    ``editor.targets == "attn_ffn"`` (PMET): H is layer L's FFN output at the bare prompt, (d, n_pad)."""
     weights = batch.nll_avg if editor.key_average == "uniform" else None
+    if editor.targets == "attn_ffn":  # PMET: H is the FFN output M_L = fc_out(k*) at the bare prompt
+        K, _, K_bare = keys_and_hidden(cfg, params, batch, layers, deltas, weights=weights, bare=True)
+        M = ffn_output(cfg, params, layers[-1], K_bare[-1].T, None if deltas is None else deltas[-1])
+        return K, M.T * batch.valid, (K_bare if editor.uses_bare_keys else None)
     if editor.uses_bare_keys:
         return keys_and_hidden(cfg, params, batch, layers, deltas, weights=weights, bare=True)
     K, H = keys_and_hidden(cfg, params, batch, layers, deltas, weights=weights)

@@ -11,6 +11,8 @@ Hooks:
   token ``positions[b]`` of example b (Stage I, docs/FORMULAS.md §3).
 * ``taps`` (static tuple of layers) with ``tap_positions`` (B, P): return block outputs and keys
   of those layers gathered at those positions.
+* ``block_parts_at`` / ``ffn_output``: a block's attention and FFN outputs, each shiftable (PMET's
+  Stage I and its FFN-output residual, docs/FORMULAS.md §4 "PMET").
 * ``start_layer`` / ``h_start``: begin from the hidden states entering ``start_layer`` (caching the
   layers below); ``stop_layer``: stop after block ``stop_layer - 1`` and return no logits.
 
@@ -40,9 +42,9 @@ Array = jax.Array
 Params = dict[str, Any]
 
 __all__ = [
-    "AddAt", "Context", "ForwardOut", "KVPrefix", "WDeltas", "block_at", "embed", "forward", "gather_positions",
-    "head", "layer_params", "make_context", "run_layers", "run_layers_after_prefix", "run_layers_kv",
-    "suffix_positions", "w_out", "with_w_out", "W_OUT_PATH",
+    "AddAt", "Context", "ForwardOut", "KVPrefix", "WDeltas", "block_at", "block_parts_at", "embed", "ffn_output",
+    "forward", "gather_positions", "head", "layer_params", "make_context", "run_layers", "run_layers_after_prefix",
+    "run_layers_kv", "suffix_positions", "w_out", "with_w_out", "W_OUT_PATH",
 ]
 
 
@@ -142,6 +144,21 @@ def block_at(
 ) -> tuple[Array, Array]:
     """Run block ``layer`` (static). Returns (block output, keys at all positions)."""
     return L.block(cfg, layer_params(params, layer), h, ctx, _delta_for(w, layer))
+
+
+def block_parts_at(
+    cfg: ModelConfig, params: Params, layer: int, h: Array, ctx: Context, w: WDeltas | None = None,
+    attn_add: Array | None = None, mlp_add: Array | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """Block ``layer`` with its attention / FFN outputs exposed and shifted by ``attn_add`` / ``mlp_add``
+    (B, T, d) (``models.layers.block_parts``).  Returns (block output, keys, attention output, FFN output)."""
+    return L.block_parts(cfg, layer_params(params, layer), h, ctx, _delta_for(w, layer), attn_add, mlp_add)
+
+
+def ffn_output(cfg: ModelConfig, params: Params, layer: int, key: Array, w_out_delta: Array | None = None) -> Array:
+    """The FFN output ``fc_out(key)`` of block ``layer`` (bias included): key (..., d_key) -> (..., d_model).
+    ``w_out_delta`` (d_key, d_model) is added to the kernel (Flax (in, out) layout)."""
+    return L.dense(layer_params(params, layer)["mlp"]["fc_out"], key, w_out_delta)
 
 
 def run_layers(

@@ -249,3 +249,30 @@ def block(
         cfg, lp, x, lambda p, hn: (attention(cfg, p, hn, ctx), None), w_out_delta
     )
     return out, key
+
+
+def block_parts(
+    cfg: ModelConfig, lp: Params, x: Array, ctx: Context, w_out_delta: Array | None = None,
+    attn_add: Array | None = None, mlp_add: Array | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """``block`` with the attention output and the FFN output exposed and shiftable (PMET's Stage I).
+
+    ``attn_add`` / ``mlp_add`` (B, T, d) are added to the attention output (after its output projection)
+    and to the FFN output (after ``fc_out``) before they enter the residual stream.  Returns
+    (block output h_l, key k_l, attention output a_l, FFN output m_l), each (B, T, ·), a_l and m_l with
+    the additions included.  With both additions None it computes exactly what ``block`` computes.
+    """
+    parallel = block_options(cfg).parallel
+    hn = norm(cfg, lp["ln_1"], x)
+    a = attention(cfg, lp["attn"], hn, ctx)
+    if attn_add is not None:
+        a = a + attn_add.astype(a.dtype)
+    if parallel:
+        key = mlp_key(cfg, lp["mlp"], hn)
+    else:
+        x = x + a
+        key = mlp_key(cfg, lp["mlp"], norm(cfg, lp["ln_2"], x))
+    m = dense(lp["mlp"]["fc_out"], key, w_out_delta)
+    if mlp_add is not None:
+        m = m + mlp_add.astype(m.dtype)
+    return (x + a + m if parallel else x + m), key, a, m

@@ -95,3 +95,13 @@ def fc_out_module(model, layer: int):
         if hasattr(mlp, name):
             return getattr(mlp, name)
     raise AttributeError("no FFN output projection")
+
+
+def attn_out_module(model, layer: int):
+    """The attention output projection of block ``layer`` (PMET's δ_attn site)."""
+    blk = decoder_layers(model)[layer]
+    attn = getattr(blk, "attn", None) or blk.self_attn
+    for name in ("c_proj", "out_proj", "o_proj", "dense"):
+        if hasattr(attn, name):
+            return getattr(attn, name)
+    raise AttributeError("no attention output projection")

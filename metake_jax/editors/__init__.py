@@ -21,6 +21,8 @@ EDITOR_MODULES: dict[str, str] = {
     "alphaedit": "metake_jax.editors.alphaedit",
     "rome": "metake_jax.editors.rome",
     "emmet": "metake_jax.editors.emmet",
+    "blue": "metake_jax.editors.blue",
+    "pmet": "metake_jax.editors.pmet",
 }
 
 __all__ = ["EDITOR_MODULES", "Editor", "LayerStats", "NotGatedError", "build", "default_config", "get", "names"]

@@ -17,6 +17,9 @@ write) whose fields are its hyper-parameters, and it declares, as class attribut
 * ``per_layer_targets`` — Stage I runs once per edited layer, at that layer, on the model as edited
   so far in the batch, and the residual is not divided (AlphaEdit-BLUE).
 * ``one_at_a_time`` — requests are written one by one (ROME: request j+1 sees request j's edit).
+* ``targets`` — ``"block"`` (MEMIT's Stage I: δ on block L's output, residual R = Z − H_L) or
+  ``"attn_ffn"`` (PMET: δ_attn and δ_mlp on block L's attention and FFN outputs; Z and the residual
+  R = Z − M_L live in FFN-output space, M_L = fc_out(k*) of layer L at the bare prompt).
 
 Hooks with identity defaults: ``residual_divisor`` (the m−t split of the multi-layer write),
 ``project`` (post-processing of one layer's increment inside the write, e.g. SPHERE), ``finalize``
@@ -43,6 +46,7 @@ Array = jax.Array
 SOLVE_DTYPES = ("float32", "float64")
 KEY_AVERAGES = ("grouped", "uniform")
 STATISTICS = ("C0", "P")
+TARGETS = ("block", "attn_ffn")
 
 
 class LayerStats(NamedTuple):
@@ -78,6 +82,7 @@ class Editor:
     uses_bare_keys: ClassVar[bool] = False
     per_layer_targets: ClassVar[bool] = False
     one_at_a_time: ClassVar[bool] = False
+    targets: ClassVar[str] = "block"
     #: the public code whose computation this editor follows (module docstrings give file and lines)
     reference: ClassVar[str] = ""
 
@@ -92,8 +97,9 @@ class Editor:
             if not ls or list(ls) != sorted(set(ls)):
                 raise ValueError(f"editor.{self.name}.layers must be a non-empty increasing tuple, got {self.layers}")
             object.__setattr__(self, "layers", ls)
-        if self.key_average not in KEY_AVERAGES or not self.needs <= set(STATISTICS):
-            raise TypeError(f"editor class {type(self).__name__} declares an unknown key_average or statistic")
+        if (self.key_average not in KEY_AVERAGES or not self.needs <= set(STATISTICS)
+                or self.targets not in TARGETS):
+            raise TypeError(f"editor class {type(self).__name__} declares an unknown key_average, statistic or targets")
 
     # ------------------------------------------------------------------ configuration
 
