@@ -47,7 +47,7 @@ from metake_jax.editors.linalg import keyonly_gate, mm
 from metake_jax.targets import edit_and_loc_losses, lower_hidden, rows_of, upper_logits
 from metake_jax.write import editor_keys
 from models.config import ModelConfig
-from models.interface import WDeltas
+from models.interface import WDeltas, w_out
 
 Array = jax.Array
 
@@ -104,15 +104,18 @@ class LookaheadContext(NamedTuple):
 
 
 def frozen_gate(K_L: Array, stats: LayerStats, editor: Editor, mcfg: MetaKEConfig,
-                K_bare: Array | None = None) -> Array:
-    """The gate B (n_pad, d_k) of the final edited layer (slot m-1): ``editor.gate``, or the key-only
-    ablation ``K_Lᵀ (K_L K_Lᵀ + λI)⁻¹`` (λ = the editor's ``l2``).  Raises ``NotGatedError`` for an
-    editor whose update is not Δ = R·B(K)."""
+                K_bare: Array | None = None, W_L: Array | None = None) -> Array:
+    """The gate B (n_pad, d_k) of the final edited layer (slot m-1): ``editor.gate`` followed by
+    ``editor.project_gate`` (``W_L``: that layer's kernel (d_k, d) before the batch; needed by editors
+    that project, e.g. SPHERE), or the key-only ablation ``K_Lᵀ (K_L K_Lᵀ + λI)⁻¹`` (λ = the editor's
+    ``l2``).  Raises ``NotGatedError`` for an editor whose update is not Δ = R·B(K)."""
     if mcfg.gate == "keyonly":
         if not hasattr(editor, "l2"):
             raise ValueError(f"metake.gate=keyonly needs an editor with an l2 ridge; {editor.name!r} has none")
         return mm(K_L.T, keyonly_gate(K_L, editor.l2))
-    return editor.gate(K_L, stats.Cp.shape[0] - 1, stats, K_bare)
+    slot = stats.Cp.shape[0] - 1
+    B = editor.gate(K_L, slot, stats, K_bare)
+    return B if W_L is None else editor.project_gate(B, W_L, slot)
 
 
 def lookahead_increment(ctx: LookaheadContext, Z: Array, valid: Array) -> Array:
@@ -131,7 +134,7 @@ def prepare_lookahead(
     K, H, Kb = editor_keys(cfg, params, batch, layers, editor)
     h_in = lower_hidden(cfg, params, lb, L)
     _, logits_k0 = upper_logits(cfg, params, lb, h_in, L)
-    B = frozen_gate(K[-1], stats, editor, mcfg, None if Kb is None else Kb[-1])
+    B = frozen_gate(K[-1], stats, editor, mcfg, None if Kb is None else Kb[-1], w_out(params, (L,))[0])
     return LookaheadContext(
         B=B.astype(H.dtype), H_L=H, h_in=h_in, logp_init=jax.nn.log_softmax(logits_k0, axis=-1),
     )

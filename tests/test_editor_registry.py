@@ -60,7 +60,8 @@ def test_methods_come_from_the_registry():
 @pytest.mark.parametrize("name", [n for n in editors.names() if editors.get(n).gated])
 def test_gated_editor_increment_is_residual_times_gate(name):
     """Identity of the interface: for a gated editor, ``increment(K, R) == (R · gate(K))ᵀ`` — the form the
-    MetaKE look-ahead freezes (docs/FORMULAS.md §6)."""
+    MetaKE look-ahead freezes (docs/FORMULAS.md §6) — and the same after the write's ``project`` with
+    ``project_gate``: ``project(increment(K, R), W) == (R · project_gate(gate(K), W))ᵀ``."""
     d_k, d, n = 12, 7, 4
     rng = np.random.default_rng(1)
     st = _stats(d_k, 2, seed=2)
@@ -73,6 +74,10 @@ def test_gated_editor_increment_is_residual_times_gate(name):
     assert B.shape == (n, d_k)
     ref = np.asarray(R, np.float64) @ np.asarray(B, np.float64)
     np.testing.assert_allclose(np.asarray(inc, np.float64), ref.T, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    W = jnp.asarray(rng.normal(size=(d_k, d)) + 3 * np.outer(rng.normal(size=d_k), rng.normal(size=d)), jnp.float32)
+    inc_p = ed.project(inc, W, 1)
+    ref_p = np.asarray(R, np.float64) @ np.asarray(ed.project_gate(B, W, 1), np.float64)
+    np.testing.assert_allclose(np.asarray(inc_p, np.float64), ref_p.T, rtol=1e-4, atol=1e-6 * np.abs(ref_p).max())
 
 
 def test_metake_over_an_ungated_editor_is_refused():

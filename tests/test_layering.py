@@ -33,7 +33,7 @@ LAYERS: dict[str, list[set[str]]] = {
         {"requests", "tokens", "projector", "templates", "editors.linalg"},
         {"batch", "editors.base", "stats", "data.loaders", "data", "evaluate.scoring"},
         {"editors", "editors.memit", "editors.alphaedit", "editors.rome", "editors.emmet",
-         "editors.blue", "editors.pmet"},  # the registry and one module per editor
+         "editors.blue", "editors.pmet", "editors.rect", "editors.prune", "editors.sphere"},  # the registry and one module per editor
         {"keys", "targets", "methods", "evaluate.counterfact", "evaluate.zsre"},
         {"write", "evaluate.glue"},
         {"metake", "evaluate"},

@@ -23,6 +23,9 @@ EDITOR_MODULES: dict[str, str] = {
     "emmet": "metake_jax.editors.emmet",
     "blue": "metake_jax.editors.blue",
     "pmet": "metake_jax.editors.pmet",
+    "rect": "metake_jax.editors.rect",
+    "prune": "metake_jax.editors.prune",
+    "sphere": "metake_jax.editors.sphere",
 }
 
 __all__ = ["EDITOR_MODULES", "Editor", "LayerStats", "NotGatedError", "build", "default_config", "get", "names"]

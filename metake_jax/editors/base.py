@@ -22,7 +22,8 @@ write) whose fields are its hyper-parameters, and it declares, as class attribut
   R = Z − M_L live in FFN-output space, M_L = fc_out(k*) of layer L at the bare prompt).
 
 Hooks with identity defaults: ``residual_divisor`` (the m−t split of the multi-layer write),
-``project`` (post-processing of one layer's increment inside the write, e.g. SPHERE), ``finalize``
+``project`` (post-processing of one layer's increment inside the write, e.g. SPHERE) with its
+``project_gate`` (the same post-processing applied to the gate, for MetaKE), ``finalize``
 (post-processing of all increments after the write, e.g. RECT) and ``readout`` (the weights that are
 evaluated and exported, e.g. PRUNE's restraint of the accumulated edit).
 
@@ -145,6 +146,13 @@ class Editor:
         """Post-process one layer's increment inside the write (before later layers see it).
         ``W``: that layer's kernel (d_k, d_model) before this batch.  Default: unchanged."""
         return inc
+
+    def project_gate(self, B: Array, W: Array, slot: Array | int) -> Array:
+        """The gate (n_req, d_k) of ``project ∘ increment`` given the gate ``B`` of ``increment``:
+        ``project(increment(K, R), W) == (R · project_gate(gate(K), W))ᵀ``.  ``W``: that layer's kernel
+        (d_k, d_model) before this batch.  Default: ``B`` (``project`` is the identity).  Raises
+        ``NotGatedError`` where the projection cannot be absorbed into B."""
+        return B
 
     def finalize(self, deltas: Array, W: Array) -> Array:
         """Post-process all increments (m, d_k, d_model) after the write; ``W`` (m, d_k, d_model): the
