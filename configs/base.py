@@ -87,3 +87,4 @@ def counterfact(c: ConfigDict, name: str) -> ConfigDict:
 def zsre(c: ConfigDict, name: str) -> ConfigDict:
     """ZsRE (MEND format; the 1k file in ../shared/data, or the 19k eval file via --config.data.path)."""
     return _dataset(c, name, "zsre_mend_train_1k.json", "zsre", 1000)
+

@@ -274,3 +274,46 @@ def test_registry_has_the_three_editors():
     assert {"rect", "prune", "sphere"} <= set(editors.names())
     assert not editors.get("rect").gated and not editors.get("prune").gated and editors.get("sphere").gated
     assert editors.build("sphere", {"neurons": "in", "alpha": 0.8}) == SPHERE(neurons="in", alpha=0.8)
+
+
+# ----------------------------------------------------------------------------- layout fact and paper-model presets
+
+
+@pytest.mark.parametrize("family,want", [("gpt2", "in"), ("gptj", "out"), ("llama", "out")])
+def test_sphere_neurons_is_the_family_fact(family, want):
+    """HF stores GPT-2's c_proj as Conv1D (d_k, d) and GPT-J/Llama's fc_out/down_proj as Linear (d, d_k)."""
+    import importlib
+
+    from metake_jax.editors.sphere import stored_neurons
+
+    cfg, _ = tiny_model(family, seed=0)
+    assert stored_neurons(cfg) == want
+    SPHERE(neurons=want).check_model(cfg)
+    with pytest.raises(ValueError, match=rf"editor\.sphere\.neurons=.*set editor\.sphere\.neurons={want}"):
+        SPHERE(neurons="in" if want == "out" else "out").check_model(cfg)
+    paper = {"gpt2": "gpt2xl", "gptj": "gptj", "llama": "llama3"}[family]
+    assert importlib.import_module(f"configs.{paper}_cf").METHOD_PRESETS["sphere"]["editor.sphere.neurons"] == want
+
+
+@pytest.mark.parametrize("paper", ["gpt2xl_cf", "gptj_cf", "llama3_cf", "gpt2xl_zsre", "gptj_zsre", "llama3_zsre"])
+def test_paper_configs_take_the_method_as_argument(paper):
+    import importlib
+
+    mod = importlib.import_module(f"configs.{paper}")
+    plain = mod.get_config()
+    assert plain.method == "alphaedit" and plain.run_dir == f"runs/{paper}"
+    for method, editor in (("rect", "rect"), ("prune", "prune"), ("sphere", "sphere"), ("metake_sphere", "sphere")):
+        c = mod.get_config(method)
+        assert c.method == method and c.run_dir == f"runs/{paper}_{method}"
+        row = mod.METHOD_PRESETS[editor]
+        for dotted, value in row.items():
+            node = c
+            for p in dotted.split("."):
+                node = node[p]
+            assert node == value
+        ed = editors.build(editor, c.editor[editor].to_dict())  # the row builds a valid editor
+        assert ed.name == editor
+        assert c.stage1 == plain.stage1 and tuple(c.layers) == tuple(plain.layers)  # Stage I as AlphaEdit/MEMIT
+    assert mod.get_config("rect").editor.rect.mom2_update_weight == plain.editor.memit.mom2_update_weight
+    with pytest.raises(ValueError, match="is not a method"):
+        mod.get_config("nope")

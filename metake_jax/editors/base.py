@@ -104,6 +104,10 @@ class Editor:
 
     # ------------------------------------------------------------------ configuration
 
+    def check_model(self, cfg: Any) -> None:
+        """Refuse a model (``models.config.ModelConfig``) this editor's settings do not fit, with a
+        ``ValueError`` naming the field (e.g. SPHERE's stored layout).  Default: every model fits."""
+
     def edit_layers(self, run_layers: tuple[int, ...]) -> tuple[int, ...]:
         """The layers this editor writes: its own ``layers`` field, else the run's."""
         return self.layers if self.layers is not None else tuple(run_layers)

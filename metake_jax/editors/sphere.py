@@ -18,6 +18,10 @@ HF stores ``fc_out`` as a torch ``Linear`` (out, in) — ``models/families`` ``H
 * ``"in"`` — GPT-2 ``Conv1D`` (stored (d_k, d), our kernel layout): rows are the d_k key neurons, U
   lives in output space (d) and ``inc' = inc (I − α U Uᵀ)`` (Δ' = P_s Δ).  Set by the GPT-2 XL presets.
 
+The field is explicit (it is a hyper-parameter of the reference's computation, and the write only sees
+kernels); ``check_model`` refuses a run whose model family stores ``fc_out`` the other way
+(``stored_neurons``), so a GPT-2 run cannot silently use the Linear layout.
+
 Gated for ``neurons="out"``: P_s depends only on W, so Δ' = R·(B P_s) with AlphaEdit's gate B
 (``project_gate``).  With ``neurons="in"`` the projector acts on the output side, Δ' = P_s R B, which is
 linear in R but not of the form R·B'(K): ``project_gate`` raises ``NotGatedError`` (no MetaKE on GPT-2).
@@ -35,6 +39,8 @@ import jax.numpy as jnp
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.editors.base import NotGatedError
 from metake_jax.editors.linalg import mm
+from models import families
+from models.config import ModelConfig
 
 Array = jax.Array
 
@@ -79,6 +85,17 @@ def sphere_project(inc: Array, W: Array, beta: float | Array, alpha: float | Arr
     return mm(Ps, inc) if neurons == "out" else mm(inc, Ps)
 
 
+def stored_neurons(cfg: ModelConfig) -> str:
+    """``"out"`` when the model's HF checkpoint stores ``fc_out`` as a torch ``Linear`` (out, in) — rows
+    are output neurons — else ``"in"`` (GPT-2 ``Conv1D``, stored (in, out)): the family fact behind
+    ``SPHERE.neurons`` (``models/families``, ``HFName.transpose``)."""
+    fam = families.get(cfg.family)
+    for n in fam.layer_names(cfg):
+        if ("mlp", "fc_out", "kernel") in n.paths:
+            return "out" if n.transpose else "in"
+    raise ValueError(f"model family {cfg.family!r} names no HF tensor for mlp/fc_out/kernel")
+
+
 @dataclasses.dataclass(frozen=True)
 class SPHERE(AlphaEdit):
     """SPHERE: AlphaEdit's increment times the soft projector of the current weight (docs/FORMULAS.md §B6).
@@ -104,6 +121,13 @@ class SPHERE(AlphaEdit):
                 raise ValueError(f"editor.sphere.{f} must be in [0, 1], got {getattr(self, f)!r}")
         if self.neurons not in NEURONS:
             raise ValueError(f"editor.sphere.neurons must be one of {NEURONS}, got {self.neurons!r}")
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        want = stored_neurons(cfg)
+        if self.neurons != want:
+            raise ValueError(f"editor.sphere.neurons={self.neurons!r} does not match the {cfg.family} family, whose "
+                             f"HF checkpoint stores fc_out with rows = {'output' if want == 'out' else 'key'} "
+                             f"neurons: set editor.sphere.neurons={want}")
 
     def project(self, inc: Array, W: Array, slot: Array | int) -> Array:
         return sphere_project(inc, W, float(self.beta), float(self.alpha), self.neurons)
