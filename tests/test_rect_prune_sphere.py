@@ -317,3 +317,20 @@ def test_paper_configs_take_the_method_as_argument(paper):
     assert mod.get_config("rect").editor.rect.mom2_update_weight == plain.editor.memit.mom2_update_weight
     with pytest.raises(ValueError, match="is not a method"):
         mod.get_config("nope")
+
+
+def test_metake_lookahead_over_sphere_is_its_write(tiny):
+    """One edited layer: the look-ahead Δ_L(Z) = (Z − H_L)·B' with SPHERE's gate B' = B P_s equals
+    SPHERE's own write of Z (projection included) — the gate MetaKE freezes is the editor's."""
+    from metake_jax.metake import MetaKEConfig, lookahead_increment, prepare_lookahead
+    from metake_jax.write import multilayer_write
+
+    cfg, params, b, Z, st = tiny
+    one = LayerStats(P=st.P[1:], C0=st.C0[1:], Cp=st.Cp[1:])
+    ed = SPHERE(l2=1.0)
+    ctx = prepare_lookahead(cfg, params, b, (2,), one, ed, MetaKEConfig())
+    got = lookahead_increment(ctx, Z, b.valid)
+    want, _ = multilayer_write(cfg, params, b, Z, (2,), one, ed)
+    ae, _ = multilayer_write(cfg, params, b, Z, (2,), one, AlphaEdit(l2=1.0))
+    assert rel(want[0], ae[0]) > 1e-3  # the projection is active
+    assert rel(got, want[0]) <= 1e-4
