@@ -24,6 +24,7 @@ from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize
 from metake_jax.tokens import ChatFormat
 from metake_jax.write import apply_deltas, check_write, multilayer_write, updated_key_cache
 from models.config import ModelConfig
+from models.interface import w_out, with_w_out
 
 Array = jax.Array
 
@@ -250,3 +251,15 @@ def _edit_one_at_a_time(cfg: ModelConfig, state: EditState, tokenizer: Any, requ
 def _pad_steps(x: np.ndarray, steps: int) -> np.ndarray:
     """Stage I loss curves (steps_i, n) padded to ``steps`` rows with their last value."""
     return np.concatenate([x, np.repeat(x[-1:], steps - x.shape[0], axis=0)], axis=0) if x.shape[0] < steps else x
+
+
+def evaluated_params(params: Any, params0: Any, layers: Sequence[int], editor: Editor) -> Any:
+    """The parameters that are evaluated and exported: the stream's ``params`` with the edited kernels of
+    ``layers`` replaced by ``editor.readout(W, W0)`` (W0 from the unedited ``params0``), e.g. PRUNE's
+    restraint of the accumulated edit (docs/FORMULAS.md §B2).  ``params`` itself (no copy) for an editor
+    without a readout.  The stream keeps evolving from ``params``."""
+    if type(editor).readout is Editor.readout:
+        return params
+    layers = tuple(layers)
+    kernels = editor.readout(w_out(params, layers), w_out(params0, layers))
+    return with_w_out(params, layers, kernels)

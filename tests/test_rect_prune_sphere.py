@@ -334,3 +334,25 @@ def test_metake_lookahead_over_sphere_is_its_write(tiny):
     ae, _ = multilayer_write(cfg, params, b, Z, (2,), one, AlphaEdit(l2=1.0))
     assert rel(want[0], ae[0]) > 1e-3  # the projection is active
     assert rel(got, want[0]) <= 1e-4
+
+
+def test_evaluated_params_read_the_prune_restraint(tiny):
+    """The runner's evaluated weights: PRUNE's readout of the stream's kernels (the numpy oracle), the other
+    leaves shared; MEMIT's are the stream's own params."""
+    from metake_jax.editor import evaluated_params
+    from models.interface import w_out, with_w_out
+
+    cfg, params, b, Z, st = tiny
+    rng = np.random.default_rng(11)
+    W0 = np.asarray(w_out(params, LAYERS), np.float64)
+    big = np.stack([3.0 * np.linalg.svd(W0[j], compute_uv=False)[0]
+                    * np.outer(rng.normal(size=W0.shape[1]), rng.normal(size=W0.shape[2])) / np.sqrt(W0[j].size)
+                    for j in range(len(LAYERS))])
+    edited = with_w_out(params, LAYERS, jnp.asarray(big, jnp.float32), add=True)
+    assert evaluated_params(edited, params, LAYERS, MEMIT()) is edited
+    ev = evaluated_params(edited, params, LAYERS, PRUNE())
+    W = np.asarray(w_out(edited, LAYERS), np.float64)
+    want = np.stack([np_prune(W[j], W0[j], math.e) for j in range(len(LAYERS))])
+    assert rel(np.asarray(w_out(ev, LAYERS)) - W0, want - W0) <= 1e-5
+    assert rel(want - W0, W - W0) > 1e-2  # the restraint is active
+    np.testing.assert_array_equal(np.asarray(w_out(ev, (0, 3))), np.asarray(w_out(params, (0, 3))))
