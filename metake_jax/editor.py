@@ -44,7 +44,7 @@ class EditConfig:
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"edited layers must be a non-empty increasing tuple, got {self.layers}")
-        if self.metake is not None and self.metake.steps > 0 and not self.editor.gated:
+        if self.metake is not None and self.metake.steps > 0 and not self.editor.is_gated():
             raise NotGatedError(f"MetaKE needs a gated editor (Δ = R·B(K)); {self.editor.name!r} is not")
 
 

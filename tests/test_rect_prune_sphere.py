@@ -218,6 +218,13 @@ def test_sphere_gate_absorbs_the_projection_out_layout_only():
                                rtol=1e-4, atol=1e-6 * float(jnp.abs(inc).max()))
     with pytest.raises(NotGatedError, match="neurons='in'"):
         SPHERE(neurons="in").project_gate(ed.gate(K, 1, st), W, 1)
+    from metake_jax.editor import EditConfig
+    from metake_jax.metake import MetaKEConfig
+
+    assert ed.is_gated() and not SPHERE(neurons="in").is_gated()
+    EditConfig(layers=(1, 2), editor=ed, metake=MetaKEConfig())
+    with pytest.raises(NotGatedError, match="sphere"):  # refused when the run is configured, not at batch 1
+        EditConfig(layers=(1, 2), editor=SPHERE(neurons="in"), metake=MetaKEConfig())
 
 
 # ----------------------------------------------------------------------------- the write on a tiny model

@@ -104,6 +104,11 @@ class Editor:
 
     # ------------------------------------------------------------------ configuration
 
+    def is_gated(self) -> bool:
+        """Whether this editor, with these hyper-parameters, is gated (``gated`` unless a field rules it out,
+        e.g. SPHERE's output-side projection on GPT-2)."""
+        return self.gated
+
     def check_model(self, cfg: Any) -> None:
         """Refuse a model (``models.config.ModelConfig``) this editor's settings do not fit, with a
         ``ValueError`` naming the field (e.g. SPHERE's stored layout).  Default: every model fits."""

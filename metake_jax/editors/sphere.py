@@ -132,8 +132,11 @@ class SPHERE(AlphaEdit):
     def project(self, inc: Array, W: Array, slot: Array | int) -> Array:
         return sphere_project(inc, W, float(self.beta), float(self.alpha), self.neurons)
 
+    def is_gated(self) -> bool:
+        return self.neurons == "out"
+
     def project_gate(self, B: Array, W: Array, slot: Array | int) -> Array:
-        if self.neurons != "out":
+        if not self.is_gated():
             raise NotGatedError("editor sphere with neurons='in' (GPT-2 Conv1D) projects the output side, "
                                 "Δ' = P_s R B, not Δ = R·B(K): MetaKE cannot refine its targets")
         Ps = soft_projector(W, float(self.beta), float(self.alpha), self.neurons).astype(B.dtype)
