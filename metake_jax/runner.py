@@ -44,7 +44,7 @@ import numpy as np
 
 from metake_jax import editors
 from metake_jax.checkpoint import RunCheckpointer
-from metake_jax.editor import EditConfig, EditState, edit_batch, init_state
+from metake_jax.editor import EditConfig, EditState, edit_batch, evaluated_params, init_state
 from metake_jax.errors import ConfigError, EditError, RequestError, RunError
 from metake_jax.methods import methods, resolve
 from metake_jax.requests import Case
@@ -577,6 +577,10 @@ def setup(c: RunConfig) -> RunSetup:
     cfg, params, tok = load_model_spec(c.model, dtype=c.dtype, seed=c.seed, remat=c.remat)
     if max(ecfg.layers) >= cfg.n_layers:
         raise ConfigError(f"config.layers={ecfg.layers}: the model has {cfg.n_layers} layers")
+    try:
+        ecfg.editor.check_model(cfg)  # e.g. SPHERE's stored layout of fc_out
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from e
     model_id = c.model_id or model_id_for(c.model, cfg, c.seed, c.dtype)
     wall["load_model"] = time.perf_counter() - t
     log.info("model %s (%s, %d layers, d=%d, d_k=%d)", c.model, cfg.family, cfg.n_layers, cfg.d_model, cfg.d_ff)
@@ -716,12 +720,13 @@ def stream(s: RunSetup, state: EditState, base: BaseEval, hooks: RunHooks | None
         state = new_state
         entry: dict[str, Any] = {"batch": b + 1, "case_ids": bids, "n_edits": state.n_edits, **report.summary()}
         t = time.perf_counter()
+        ev_params = _evaluated(s, state)  # the editor's readout (PRUNE: restrained); the stream keeps state.params
         if c.eval.batch:
             sub_arg = None if base.pre_argmax is None else base.pre_argmax[b * bs:b * bs + len(bids)]
-            entry["eval"] = _batch_summary(s.kind, evaluate_cases(c, s.kind, s.cfg, state.params, s.tokenizer,
+            entry["eval"] = _batch_summary(s.kind, evaluate_cases(c, s.kind, s.cfg, ev_params, s.tokenizer,
                                                                   s.batches[b], pre_argmax=sub_arg, chat=s.chat))
         if glue_on and c.eval.glue_every > 0 and (b + 1) % c.eval.glue_every == 0:
-            res = _glue(c, s.cfg, state.params, s.tokenizer)
+            res = _glue(c, s.cfg, ev_params, s.tokenizer)
             _json_dump(s.run_dir / "glue" / f"after_batch{b + 1}.json", res)
             glue_log.append({"batches": b + 1, "n_edits": state.n_edits, "tasks": _glue_summary(res)})
         entry["timings"]["eval"] = round(time.perf_counter() - t, 4)
@@ -749,18 +754,26 @@ def stream(s: RunSetup, state: EditState, base: BaseEval, hooks: RunHooks | None
     return Stream(state=state, batch_log=batch_log, glue_log=glue_log, start=start)
 
 
+def _evaluated(s: RunSetup, state: EditState) -> Any:
+    """The weights every evaluation and the HF export read: ``Editor.readout`` of the stream's edited
+    kernels against the unedited ones (PRUNE's restraint, docs/FORMULAS.md §B2); the stream's own
+    params for every other editor."""
+    return evaluated_params(state.params, s.params, s.edit.layers, s.edit.editor)
+
+
 def evaluate_final(s: RunSetup, st: Stream, base: BaseEval) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Stage 5a: all cases on the final model (``eval_post.json``) and the final GLUE point →
     (post summary or None, the GLUE log with the final point)."""
     c, t, glue_log = s.config, time.perf_counter(), list(st.glue_log)
     post = None
+    final_params = _evaluated(s, st.state)
     if c.eval.final:
-        ev = evaluate_cases(c, s.kind, s.cfg, st.state.params, s.tokenizer, s.cases, pre_argmax=base.pre_argmax,
+        ev = evaluate_cases(c, s.kind, s.cfg, final_params, s.tokenizer, s.cases, pre_argmax=base.pre_argmax,
                             fluency=c.eval.fluency, seed=c.seed, chat=s.chat)
         post = ev["summary"]
         _json_dump(s.run_dir / "eval_post.json", {"case_ids": s.ids, **ev})
     if base.glue_base is not None and (not glue_log or glue_log[-1]["batches"] != len(s.batches)):
-        res = _glue(c, s.cfg, st.state.params, s.tokenizer)
+        res = _glue(c, s.cfg, final_params, s.tokenizer)
         _json_dump(s.run_dir / "glue" / "final.json", res)
         glue_log.append({"batches": len(s.batches), "n_edits": st.state.n_edits, "tasks": _glue_summary(res)})
     s.wall["final_eval"] = time.perf_counter() - t
@@ -775,7 +788,7 @@ def outputs(s: RunSetup, st: Stream, base: BaseEval, post: dict[str, Any] | None
         from models.convert import export_hf
 
         t = time.perf_counter()
-        out = export_hf(Path(c.export_hf).expanduser(), s.cfg, st.state.params, s.tokenizer)
+        out = export_hf(Path(c.export_hf).expanduser(), s.cfg, _evaluated(s, st.state), s.tokenizer)
         s.wall["export_hf"] = time.perf_counter() - t
         log.info("edited model exported to %s", out)
     s.wall["total"] = time.perf_counter() - t_start

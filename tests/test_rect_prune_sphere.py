@@ -363,3 +363,63 @@ def test_evaluated_params_read_the_prune_restraint(tiny):
     assert rel(np.asarray(w_out(ev, LAYERS)) - W0, want - W0) <= 1e-5
     assert rel(want - W0, W - W0) > 1e-2  # the restraint is active
     np.testing.assert_array_equal(np.asarray(w_out(ev, (0, 3))), np.asarray(w_out(params, (0, 3))))
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def _tiny_run(tmp_path, name, **over):
+    from configs import tiny_cf
+
+    c = tiny_cf.get_config()
+    c.batch_size, c.data.n = 2, 4
+    c.eval.pre = False
+    c.stats.cache_dir = str(tmp_path / "stats")
+    c.run_dir = str(tmp_path / name)
+    for k, v in over.items():
+        node, *rest = k.split(".")
+        if rest:
+            c[node][rest[0]] = v
+        else:
+            c[k] = v
+    return c
+
+
+def test_runner_evaluates_and_exports_the_readout_while_the_stream_keeps_its_weights(tmp_path, monkeypatch):
+    """PRUNE's wiring: every evaluation (per batch, final) and the HF export see ``readout(W, W0)``; the
+    stream and its checkpoints keep W.  The readout is replaced by a known map to make it visible."""
+    import models.convert
+    from metake_jax import runner
+    from models.interface import w_out
+
+    monkeypatch.setattr(PRUNE, "readout", lambda self, W, W0: W0 + 0.5 * (W - W0))
+    seen, stream = [], {}
+    real_eval = runner.evaluate_cases
+
+    def record_eval(c, kind, cfg, params, *a, **k):
+        seen.append(np.asarray(w_out(params, LAYERS)))
+        return real_eval(c, kind, cfg, params, *a, **k)
+
+    monkeypatch.setattr(runner, "evaluate_cases", record_eval)
+    monkeypatch.setattr(models.convert, "export_hf", lambda path, cfg, params, tok: seen.append(
+        np.asarray(w_out(params, LAYERS))) or path)
+    hooks = runner.RunHooks(after_checkpoint=lambda done, state: stream.__setitem__(
+        done, np.asarray(w_out(state.params, LAYERS))))
+    c = _tiny_run(tmp_path, "prune", method="prune", export_hf=str(tmp_path / "hf"))
+    c.editor.prune.mom2_update_weight = 10.0
+    runner.run(c, hooks=hooks)
+    _, params0, _ = runner.load_model_spec(c.model, seed=c.seed)
+    W0 = np.asarray(w_out(params0, LAYERS))
+    assert np.abs(stream[2] - stream[1]).max() > 0 and np.abs(stream[1] - W0).max() > 0
+    assert len(seen) == 4  # batch 1, batch 2, final, export
+    for got, W in zip(seen, (stream[1], stream[2], stream[2], stream[2])):
+        np.testing.assert_allclose(got, W0 + 0.5 * (W - W0), rtol=0, atol=1e-6)
+
+
+def test_runner_refuses_sphere_with_the_wrong_layout(tmp_path):
+    from metake_jax import runner
+
+    c = _tiny_run(tmp_path, "sphere", method="sphere")
+    c.editor.sphere.neurons = "in"
+    with pytest.raises(runner.RunError, match=r"editor\.sphere\.neurons='in' does not match the llama family"):
+        runner.run(c)
