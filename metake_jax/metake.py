@@ -115,7 +115,11 @@ def frozen_gate(K_L: Array, stats: LayerStats, editor: Editor, mcfg: MetaKEConfi
         return mm(K_L.T, keyonly_gate(K_L, editor.l2))
     slot = stats.Cp.shape[0] - 1
     B = editor.gate(K_L, slot, stats, K_bare)
-    return B if W_L is None else editor.project_gate(B, W_L, slot)
+    if W_L is None:
+        if type(editor).project_gate is not Editor.project_gate:
+            raise ValueError(f"frozen_gate: editor {editor.name!r} projects its increment; pass the kernel W_L")
+        return B
+    return editor.project_gate(B, W_L, slot)
 
 
 def lookahead_increment(ctx: LookaheadContext, Z: Array, valid: Array) -> Array:

@@ -423,3 +423,14 @@ def test_runner_refuses_sphere_with_the_wrong_layout(tmp_path):
     c.editor.sphere.neurons = "in"
     with pytest.raises(runner.RunError, match=r"editor\.sphere\.neurons='in' does not match the llama family"):
         runner.run(c)
+
+
+def test_frozen_gate_of_a_projecting_editor_needs_the_kernel():
+    from metake_jax.metake import MetaKEConfig, frozen_gate
+
+    st = _stats(8, 1, 0)
+    K = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+    with pytest.raises(ValueError, match="sphere.*W_L"):
+        frozen_gate(K, st, SPHERE(), MetaKEConfig())
+    np.testing.assert_array_equal(np.asarray(frozen_gate(K, st, AlphaEdit(), MetaKEConfig())),
+                                  np.asarray(AlphaEdit().gate(K, 0, st)))
