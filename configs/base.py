@@ -11,6 +11,8 @@ default are ml_collections placeholders (overridable with a value).
 """
 from __future__ import annotations
 
+import math
+
 from ml_collections import ConfigDict
 
 from metake_jax.methods import methods, resolve
@@ -46,6 +48,21 @@ def reference(*, model: str, layers: tuple[int, ...], lr: float, steps: int, max
     c.remat = True  # GPT-J at batch 100: Stage I needs 127 GiB without it (bench/RESULTS.md, GPU)
     c.eval.glue_every = 5
     return c
+
+
+def derived_presets(mom2_update_weight: float, neurons: str) -> dict[str, dict[str, object]]:
+    """``METHOD_PRESETS`` rows of the editors that reuse MEMIT's / AlphaEdit's reference values for a model.
+
+    RECT / PRUNE: MEMIT's λ_C (AE hparams/MEMIT; Stage I as the reference), AE/SP keep 0.4 (paper/RE: 0.2),
+    α = e (BASELINES.md §2–§3).  SPHERE: AlphaEdit's L2 10, SP README β = 0.5, α = 0.5 (no published
+    per-model values); ``neurons``: the stored layout of fc_out ("out" for HF Linear, "in" for GPT-2's
+    Conv1D; BASELINES.md §6)."""
+    return {
+        "rect": {"editor.rect.mom2_update_weight": mom2_update_weight, "editor.rect.keep": 0.4},
+        "prune": {"editor.prune.mom2_update_weight": mom2_update_weight, "editor.prune.alpha": math.e},
+        "sphere": {"editor.sphere.l2": 10.0, "editor.sphere.beta": 0.5, "editor.sphere.alpha": 0.5,
+                   "editor.sphere.neurons": neurons},
+    }
 
 
 def with_method(c: ConfigDict, method: str | None, presets: dict[str, dict[str, object]]) -> ConfigDict:

@@ -5,8 +5,6 @@
 Pass a local checkpoint with --config.model=/path/to/hf_dir (the default is the hub id, which
 needs network access).
 """
-import math
-
 from configs import base
 
 MODEL = dict(model="gpt2-xl", layers=(13, 14, 15, 16, 17), lr=0.5, steps=20, max_len=1024,
@@ -26,13 +24,7 @@ METHOD_PRESETS = {
     "blue": {"editor.blue.l2": 80.0},
     "pmet": {"stage1.clamp_norm_factor": 2.0, "stage1.lr": 0.5, "stage1.steps": 20,
              "editor.pmet.mom2_update_weight": 10000.0},
-    # RECT / PRUNE: MEMIT's hparams (AE hparams/MEMIT: λ_C; Stage I as the reference above), AE/SP keep 0.4
-    # (paper/RE: 0.2), α = e (BASELINES.md §2-§3).  SPHERE: AlphaEdit's (L2 10), SP README β = 0.5, α = 0.5 (no
-    # published per-model values), neurons = the stored layout of fc_out (GPT-2 Conv1D; BASELINES.md §6).
-    "rect": {"editor.rect.mom2_update_weight": 20000.0, "editor.rect.keep": 0.4},
-    "prune": {"editor.prune.mom2_update_weight": 20000.0, "editor.prune.alpha": math.e},
-    "sphere": {"editor.sphere.l2": 10.0, "editor.sphere.beta": 0.5, "editor.sphere.alpha": 0.5,
-               "editor.sphere.neurons": "in"},
+    **base.derived_presets(mom2_update_weight=MODEL["mom2_update_weight"], neurons="in"),
 }
 
 

@@ -5,8 +5,6 @@
 Pass a local checkpoint with --config.model=/path/to/hf_dir (the default is the hub id, which
 needs network access).
 """
-import math
-
 from configs import base
 
 MODEL = dict(model="meta-llama/Meta-Llama-3-8B-Instruct", layers=(4, 5, 6, 7, 8), lr=0.1, steps=25, max_len=8192,
@@ -27,13 +25,7 @@ METHOD_PRESETS = {
     "blue": {"editor.blue.l2": 1.0},
     "pmet": {"stage1.clamp_norm_factor": 0.75, "stage1.lr": 0.1, "stage1.steps": 25,
              "editor.pmet.mom2_update_weight": 15000.0},
-    # RECT / PRUNE: MEMIT's hparams (AE hparams/MEMIT: λ_C; Stage I as the reference above), AE/SP keep 0.4
-    # (paper/RE: 0.2), α = e (BASELINES.md §2-§3).  SPHERE: AlphaEdit's (L2 10), SP README β = 0.5, α = 0.5 (no
-    # published per-model values), neurons = the stored layout of fc_out (HF Linear; BASELINES.md §6).
-    "rect": {"editor.rect.mom2_update_weight": 15000.0, "editor.rect.keep": 0.4},
-    "prune": {"editor.prune.mom2_update_weight": 15000.0, "editor.prune.alpha": math.e},
-    "sphere": {"editor.sphere.l2": 10.0, "editor.sphere.beta": 0.5, "editor.sphere.alpha": 0.5,
-               "editor.sphere.neurons": "out"},
+    **base.derived_presets(mom2_update_weight=MODEL["mom2_update_weight"], neurons="out"),
 }
 
 

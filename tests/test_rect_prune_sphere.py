@@ -19,6 +19,7 @@ from metake_jax.editors.memit import MEMIT
 from metake_jax.editors.prune import PRUNE, prune_readout, restrain_singular_values
 from metake_jax.editors.rect import RECT, rect_mask
 from metake_jax.editors.sphere import SPHERE, soft_projector, sphere_project
+from tests.test_editor_registry import _stats  # random P, C0, C_p stacks (one recipe)
 from tests.tiny import tiny_model, tiny_tokenizer
 
 
@@ -187,20 +188,6 @@ def test_sphere_float32_close_to_oracle_and_alpha_zero_is_identity():
     for bad in (dict(beta=1.5), dict(alpha=-0.1), dict(neurons="rows")):
         with pytest.raises(ValueError, match=r"editor\.sphere\." + next(iter(bad))):
             SPHERE(**bad)
-
-
-def _stats(d_k, m, seed):
-    rng = np.random.default_rng(seed)
-    P, C0, Cp = [], [], []
-    for _ in range(m):
-        A = rng.normal(size=(d_k, 3 * d_k))
-        c0 = A @ A.T / (3 * d_k)
-        _, U = np.linalg.eigh(c0)
-        P.append(U[:, : d_k // 2] @ U[:, : d_k // 2].T)
-        C0.append(c0)
-        B = rng.normal(size=(d_k, 5))
-        Cp.append(B @ B.T)
-    return LayerStats(*[jnp.asarray(np.stack(x), jnp.float32) for x in (P, C0, Cp)])
 
 
 def test_sphere_gate_absorbs_the_projection_out_layout_only():
