@@ -20,6 +20,7 @@ from metake_jax.editors import Editor, LayerStats, NotGatedError
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
+from metake_jax.sharding import mesh_of, shard_rows
 from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
 from metake_jax.write import apply_deltas, check_write, multilayer_write, updated_key_cache
@@ -205,7 +206,7 @@ def edit_batch(
     t0 = time.perf_counter()
     host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad, chat=chat,
                                   max_positions=cfg.max_positions)
-    batch = EditBatch(*[jnp.asarray(x) for x in host_batch])
+    batch = shard_rows(EditBatch(*host_batch), mesh_of(state.params))  # rows over the mesh's "data" axis
     lb = look_rows(host_batch, ecfg.metake) if ecfg.metake is not None else None
     timings["prepare"] = time.perf_counter() - t0
     if ecfg.editor.per_layer_targets:
