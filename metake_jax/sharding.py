@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DATA_AXIS", "LOGICAL_RULES", "MESH_AXES", "MODEL_AXIS", "batch_sharding", "describe_layout", "make_mesh",
-    "mesh_of", "mesh_size", "pad_to_multiple", "param_logical_axes", "param_shardings", "put_global", "replicated", "to_host",
+    "barrier", "init_distributed", "is_writer", "leaf_logical_axes", "leaf_placer", "mesh_of", "mesh_size", "replicate", "pad_to_multiple", "param_logical_axes", "param_shardings", "put_global", "replicated", "to_host",
     "run_mesh", "shard_batch", "shard_params", "shard_rows", "shard_stats", "spec_for", "stats_sharding",
 ]
 
@@ -118,6 +118,57 @@ def run_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | Non
     return Mesh(grid, MESH_AXES)
 
 
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+                     auto: bool = False) -> bool:
+    """``jax.distributed.initialize`` for a multi-process run; must run before any computation.
+
+    Values left unset come from the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+    ``JAX_PROCESS_ID``); ``auto`` lets JAX detect a cluster (Cloud TPU pod slice, SLURM, Open MPI,
+    Kubernetes) with nothing given.  On CPU the cross-process collectives are gloo's.  Returns True
+    when a distributed runtime is (now) up, False for a single-process run (nothing set).  Raises
+    ValueError naming the field for an incomplete setting.
+    """
+    import os
+
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = int(num_processes or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
+    pid = int(process_id) if int(process_id) >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+    if jax.distributed.is_initialized():
+        return True
+    if not (auto or coordinator or num_processes > 1):
+        return False
+    if not auto and (not coordinator or num_processes < 1 or not 0 <= pid < num_processes):
+        raise ValueError(f"distributed: coordinator={coordinator!r}, num_processes={num_processes}, "
+                         f"process_id={pid}: give all three (or distributed.auto=True on a detected cluster)")
+    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto and not coordinator:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=pid)
+    log.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def is_writer() -> bool:
+    """Whether this process writes run files (JSON, markdown, plots): process 0 only."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name`` (no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def replicate(x: Any, mesh: Mesh | None) -> Any:
+    """``x`` (host or device) as a replicated global array on ``mesh`` (None: unchanged)."""
+    return x if mesh is None else put_global(x, replicated(mesh))
+
+
 def mesh_of(tree: Any) -> Mesh | None:
     """The mesh of the first leaf of ``tree`` placed with a NamedSharding, or None."""
     for x in jax.tree.leaves(tree):
@@ -158,24 +209,40 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     return PS(*out)
 
 
-def param_logical_axes(params: Any) -> Any:
-    """Tree like ``params`` whose leaves are tuples of logical axis names (see ``_LEAF_AXES``).
+def leaf_logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | None, ...]:
+    """Logical axis names of the param leaf at ``path`` (e.g. ``("layers", "mlp", "fc_out", "kernel")``).
 
-    Raises ValueError naming the leaf when a path has no entry (a new family's layout)."""
+    Raises ValueError naming the leaf when the path has no entry (a new family's layout) or the
+    names do not match its rank."""
+    key = "/".join(str(p) for p in path)
+    stacked = path[0] == "layers"
+    rel = "/".join(str(p) for p in path[1:]) if stacked else key
+    axes = _LEAF_AXES.get(rel)
+    if axes is None:
+        raise ValueError(f"sharding: no logical axes for param {key!r} (add it to sharding._LEAF_AXES)")
+    axes = (("layers",) if stacked else ()) + axes
+    if len(axes) != len(shape):
+        raise ValueError(f"sharding: param {key!r} of shape {tuple(shape)} vs logical axes {axes}")
+    return axes
+
+
+def param_logical_axes(params: Any) -> Any:
+    """Tree like ``params`` whose leaves are tuples of logical axis names (``leaf_logical_axes``)."""
     flat = traverse_util.flatten_dict(params)
-    out = {}
-    for path, x in flat.items():
-        key = "/".join(str(p) for p in path)
-        stacked = path[0] == "layers"
-        rel = "/".join(str(p) for p in path[1:]) if stacked else key
-        axes = _LEAF_AXES.get(rel)
-        if axes is None:
-            raise ValueError(f"sharding: no logical axes for param {key!r} (add it to sharding._LEAF_AXES)")
-        axes = (("layers",) if stacked else ()) + axes
-        if len(axes) != np.ndim(x):
-            raise ValueError(f"sharding: param {key!r} of shape {tuple(np.shape(x))} vs logical axes {axes}")
-        out[path] = axes
-    return traverse_util.unflatten_dict(out)
+    return traverse_util.unflatten_dict({p: leaf_logical_axes(p, np.shape(x)) for p, x in flat.items()})
+
+
+def leaf_placer(mesh: Mesh | None, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+    """``place(path, host_array) -> jax.Array`` for ``models.load.load_model(place=...)``: each leaf
+    goes straight from host memory to its shards on ``mesh`` (None mesh: None, the default device)."""
+    if mesh is None:
+        return None
+
+    def place(path, host):
+        spec = spec_for(leaf_logical_axes(tuple(path), host.shape), host.shape, mesh, rules)
+        return put_global(host, NamedSharding(mesh, spec))
+
+    return place
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> Any:

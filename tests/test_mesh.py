@@ -1,6 +1,8 @@
 """One mesh for the run (issue 16): the logical-axis rules, sharded placement, and the acceptance
 check that meshes 8×1, 4×2 and 1×8 of 8 emulated CPU devices give the same statistics and the same
-final weights as one device for memit, alphaedit and metake through ``launch/edit.py``.
+final weights as one device for memit, alphaedit and metake through ``launch/edit.py``; and (opt-in,
+``METAKE_MULTIPROCESS_TESTS=1``) 2 processes × 4 devices with ``jax.distributed`` = 1 process, with
+a kill -9 and a resume.
 
 Oracles: a 1×1 mesh run of the same config in the same process (the one-device result), float64
 numpy for the statistics, and the identity ``gather(shard(x)) == x`` for the placement helpers.
@@ -145,3 +147,97 @@ def test_meshes_match_one_device(tmp_path):
                 rel = np.linalg.norm(g - r) / np.linalg.norm(r)
                 assert rel <= 1e-5, (method, mesh, k, rel)
     print("seconds per mesh:", out["time"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp: Path, run_dir: Path, n_proc: int, devices: int, *extra: str) -> list[subprocess.Popen]:
+    """``launch/edit.py`` on the tiny config as ``n_proc`` processes × ``devices`` CPU devices (mesh 4×2)."""
+    port = _free_port()
+    procs = []
+    for i in range(n_proc):
+        dist = [f"--config.distributed.coordinator=localhost:{port}", f"--config.distributed.num_processes={n_proc}",
+                f"--config.distributed.process_id={i}"] if n_proc > 1 else []
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        argv = [sys.executable, str(ROOT / "launch" / "edit.py"), f"--config={ROOT / 'configs' / 'tiny_cf.py'}",
+                "--config.batch_size=2", "--config.data.n=6", "--config.stats.kind=files",
+                f"--config.stats.paths=('{tmp / 'corpus.txt'}',)", "--config.stats.n_samples=16",
+                f"--config.templates.file={tmp / 'templates.json'}", "--config.stage1.row_groups=1",
+                "--config.eval.pre=False", "--config.eval.batch=False", "--config.eval.final=False",
+                "--config.metake.steps=1", "--config.mesh.data=4", "--config.mesh.model=2",
+                f"--config.run_dir={run_dir}", f"--config.stats.cache_dir={tmp / 'stats'}", *dist, *extra]
+        log = open(f"{run_dir}.p{i}.log", "a")
+        procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], run_dir: Path, timeout: float = 900) -> None:
+    for i, p in enumerate(procs):
+        rc = p.wait(timeout=timeout)
+        assert rc == 0, Path(f"{run_dir}.p{i}.log").read_text()[-3000:]
+
+
+def _final(run_dir: Path) -> dict[str, np.ndarray]:
+    from metake_jax.checkpoint import RunCheckpointer
+
+    ck = RunCheckpointer(run_dir / "checkpoints")
+    arrays, meta = ck.restore()
+    ck.close()
+    assert meta["batches_done"] == 3
+    return arrays
+
+
+@pytest.mark.skipif(os.environ.get("METAKE_MULTIPROCESS_TESTS") != "1",
+                    reason="7 launches of launch/edit.py (~10 min on 2 cores): METAKE_MULTIPROCESS_TESTS=1 to run")
+def test_two_processes_match_one_process_and_resume_after_kill(tmp_path):
+    """2 processes × 4 CPU devices (jax.distributed, gloo) on mesh 4×2 = 1 process × 8 devices
+    (≤ 1e-5 relative, kernels and C_p); only process 0 writes the run files; a kill -9 of one
+    process after the first checkpoint, then a restart of both with resume=True, ends with the same
+    weights."""
+    import time
+
+    from models.random_model import _CORPUS
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(list(_CORPUS) * 2))
+    (tmp_path / "templates.json").write_text(json.dumps([["{}"], ["So {}", "Then {}"]]))
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    _wait(_launch(tmp_path, one, 1, 8), one)
+    _wait(_launch(tmp_path, two, 2, 4), two)
+    p0_log, p1_log = Path(f"{two}.p0.log").read_text(), Path(f"{two}.p1.log").read_text()
+    assert "process 1 of 2, 4 local / 8 global devices" in p1_log
+    assert "data=4 x model=2 (8 cpu devices, 2 process(es))" in p0_log
+    ref = _final(one)
+    for run in (two,):
+        got = _final(run)
+        for k in ("kernels", "Cp"):
+            assert np.linalg.norm(got[k] - ref[k]) <= 1e-5 * np.linalg.norm(ref[k]), (run.name, k)
+    assert (two / "results.json").is_file() and (two / "results.md").is_file()
+
+    # kill -9 one process once the first batch is checkpointed, restart both with resume=True
+    procs = _launch(tmp_path, killed, 2, 4)
+    deadline = time.time() + 900
+    while not (killed / "checkpoints" / "1").is_dir():
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint written"
+        time.sleep(0.5)
+    procs[1].kill()  # SIGKILL
+    procs[1].wait()
+    procs[0].kill()  # its peer is gone: the survivor would only wait for it
+    procs[0].wait()
+    from metake_jax.checkpoint import RunCheckpointer
+
+    ck = RunCheckpointer(killed / "checkpoints")
+    done = ck.latest()
+    ck.close()
+    assert done is not None and done < 3, done
+    _wait(_launch(tmp_path, killed, 2, 4, "--config.resume=True"), killed)
+    assert f"resumed from checkpoint {done}" in Path(f"{killed}.p0.log").read_text()
+    got = _final(killed)
+    for k in ("kernels", "Cp"):
+        assert np.linalg.norm(got[k] - ref[k]) <= 1e-5 * np.linalg.norm(ref[k]), ("resumed", k)
