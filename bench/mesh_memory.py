@@ -34,7 +34,8 @@ from metake_jax.batch import EditBatch  # noqa: E402
 from metake_jax.editor import _write  # noqa: E402
 from metake_jax.sharding import param_shardings, run_mesh, spec_for, stats_sharding  # noqa: E402
 from metake_jax.targets import StageIConfig, optimize_targets_grouped  # noqa: E402
-from metake_jax.write import EditorConfig, LayerStats  # noqa: E402
+from metake_jax.editors import LayerStats  # noqa: E402
+from metake_jax.editors.alphaedit import AlphaEdit  # noqa: E402
 from models.random_model import param_shapes, random_config  # noqa: E402
 
 MODELS = {  # size -> (random variant, edited layers of configs/<model>_cf.py)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
                     low = optimize_targets_grouped.lower(cfg, params, batch, order, layers[-1], StageIConfig(),
                                                          (a.tokens,))
                 else:
-                    low = _write.lower(cfg, params, batch, Z, layers, stats, EditorConfig(solve_dtype="float32"))
+                    low = _write.lower(cfg, params, batch, Z, layers, stats, AlphaEdit(solve_dtype="float32"))
                 c = low.compile()
                 tot, p = per_device(c)
                 print(f"| {name} | {d}×{m} | {stage} | {tot:.2f} | {p['argument']:.2f} | {p['output']:.2f} | "
