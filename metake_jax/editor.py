@@ -20,6 +20,7 @@ from metake_jax.editors import Editor, LayerStats, NotGatedError
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
 from metake_jax.metake import MetaKEConfig, refine_targets
+from metake_jax.sharding import mesh_of, shard_rows, to_host
 from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
 from metake_jax.write import apply_deltas, check_write, multilayer_write, updated_key_cache
@@ -153,7 +154,7 @@ def _update_cache(cfg: ModelConfig, state: EditState, new_params: Any, batch: Ed
     Cp, finite = _timed(timings, "cache", updated_key_cache, cfg, new_params, batch, layers, state.stats.Cp)
     if not bool(finite):
         raise EditError("non-finite keys after the edit: batch not written")
-    n = int(np.asarray(batch.valid).sum())
+    n = int(to_host(batch.valid).sum())
     return EditState(params=new_params, stats=state.stats._replace(Cp=Cp), n_edits=state.n_edits + n)
 
 
@@ -206,7 +207,7 @@ def edit_batch(
     t0 = time.perf_counter()
     host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad, chat=chat,
                                   max_positions=cfg.max_positions)
-    batch = EditBatch(*[jnp.asarray(x) for x in host_batch])
+    batch = shard_rows(EditBatch(*host_batch), mesh_of(state.params))  # rows over the mesh's "data" axis
     lb = look_rows(host_batch, ecfg.metake) if ecfg.metake is not None else None
     timings["prepare"] = time.perf_counter() - t0
     if ecfg.editor.per_layer_targets:
@@ -218,9 +219,9 @@ def edit_batch(
     timings["total"] = time.perf_counter() - t0
     report = BatchReport(
         case_ids=[getattr(r, "case_id", None) for r in requests],
-        stage1_losses=np.asarray(s1.losses)[:, :n], stage1_steps=np.asarray(s1.steps_taken)[:n],
-        meta_losses=None if ref is None else np.asarray(ref.losses)[:, :n],
-        residual_norm=np.asarray(aux.residual_norm)[:, :n], timings=timings,
+        stage1_losses=to_host(s1.losses)[:, :n], stage1_steps=to_host(s1.steps_taken)[:n],
+        meta_losses=None if ref is None else to_host(ref.losses)[:, :n],
+        residual_norm=to_host(aux.residual_norm)[:, :n], timings=timings,
     )
     return new_state, report
 

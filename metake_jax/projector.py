@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as PS
 
-from metake_jax.sharding import DATA_AXIS, make_mesh, mesh_size, pad_to_multiple
+from metake_jax.sharding import DATA_AXIS, make_mesh, mesh_size, pad_to_multiple, to_host
 
 Array = jax.Array
 
@@ -145,7 +145,7 @@ def projectors_for_layers(
             partial(jax.lax.map, one), mesh=mesh, in_specs=PS(axis_name), out_specs=(PS(axis_name), PS(axis_name))))
         P, ranks = fn(padded)
         P, ranks = P[:m], ranks[:m]
-    ranks = np.asarray(ranks)
+    ranks = to_host(ranks)
     for l, r in zip(names, ranks):
         _warn_rank(int(r), d_k, f"layer {l}", thr, en)
     return P, ranks

@@ -34,7 +34,7 @@ from metake_jax.metake import MetaKEConfig
 from metake_jax.stats import PRECISIONS, CorpusSpec
 from metake_jax.targets import StageIConfig
 
-__all__ = ["ConfigError", "DataConfig", "EditorSection", "EvalConfig", "RunConfig", "SHARED_DATA", "StatsConfig",
+__all__ = ["ConfigError", "DataConfig", "DistributedConfig", "EditorSection", "EvalConfig", "MeshConfig", "RunConfig", "SHARED_DATA", "StatsConfig",
            "TemplatesConfig", "data_path", "to_config_dict", "to_dict"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +150,31 @@ class TemplatesConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The run's device mesh (``metake_jax.sharding.run_mesh``; layout rules ``sharding.LOGICAL_RULES``)."""
+
+    data: int = -1  # devices on "data" (request rows, statistics documents; FSDP of params): -1 = the rest
+    model: int = 1  # devices on "model" (heads, kv_heads, mlp, vocab of the params): -1 = the rest
+
+    def __post_init__(self) -> None:
+        for f in ("data", "model"):
+            v = getattr(self, f)
+            _check(v == -1 or v >= 1, f"{f} must be a positive device count or -1 (the rest), got {v}")
+        _check(not (self.data == -1 and self.model == -1), "data and model are both -1: one axis takes the rest")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """A multi-process run (``jax.distributed``; one process per host).  Unset fields come from
+    $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID; none at all = one process."""
+
+    coordinator: str = ""  # "host:port" of process 0
+    num_processes: int = 0
+    process_id: int = -1
+    auto: bool = False  # let JAX detect the cluster (Cloud TPU pod slice, SLURM, Open MPI)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One run of the sequential protocol (``runner.run``); every field a user can set."""
 
@@ -176,6 +201,8 @@ class RunConfig:
     export_hf: str = ""  # if set, write the edited model there as an HF checkpoint
     seed: int = 0  # random models, generations
     progress: bool = True  # tqdm progress bars
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # devices: not part of the fingerprint
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

@@ -51,6 +51,10 @@ from metake_jax.requests import Case
 from metake_jax.run_config import RunConfig
 from metake_jax.tokens import ChatFormat, chat_format
 from models.config import ModelConfig
+from metake_jax.sharding import (
+    barrier, describe_layout, init_distributed, is_writer, leaf_placer, mesh_size, replicate, run_mesh, shard_params,
+    shard_stats, to_host,
+)
 from models.interface import w_out, with_w_out
 
 log = logging.getLogger(__name__)
@@ -117,16 +121,19 @@ def model_id_for(spec: str, cfg: ModelConfig, seed: int, dtype: str) -> str:
 
 
 def load_model_spec(spec: str, *, dtype: str = "float32", seed: int = 0,
-                    remat: bool = False) -> tuple[ModelConfig, Any, Any]:
+                    remat: bool = False, mesh: Any = None) -> tuple[ModelConfig, Any, Any]:
     """(cfg, params, tokenizer) for any model spec of ``configs/base.py`` (incl. ``random:...``).
 
-    ``remat`` sets ``ModelConfig.remat`` (per-block rematerialization in backward passes)."""
+    ``remat`` sets ``ModelConfig.remat`` (per-block rematerialization in backward passes); with a
+    ``mesh`` the params are placed on it by the logical-axis rules (``sharding.shard_params``), leaves
+    read from files straight into their shards."""
     from models.errors import ConversionError
     from models.load import RANDOM_PREFIX, load_model
 
     random = str(spec).startswith(RANDOM_PREFIX)
     try:
-        cfg, params, tok = load_model(str(spec), dtype=dtype, seed=seed)
+        cfg, params, tok = load_model(str(spec), dtype=dtype, seed=seed, place=leaf_placer(mesh))
+        params = shard_params(params, mesh)
     except ConversionError as e:
         if not random:
             raise
@@ -264,9 +271,11 @@ def stats_cache_dir(c: RunConfig | Any) -> Path:
     return Path(os.environ.get("METAKE_CACHE") or "~/.cache/metake-jax").expanduser() / "stats"
 
 
-def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str) -> jax.Array:
+def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str,
+                     mesh: Any = None) -> jax.Array:
     """C0 (m, d_k, d_k) of the edited layers (``edit_config(c).layers``: the method's editor's own
-    ``layers`` or the run's), cached (``metake_jax.stats.layer_stats``)."""
+    ``layers`` or the run's), cached (``metake_jax.stats.layer_stats``); with a ``mesh`` the documents
+    are split over its ``data`` axis."""
     from metake_jax.stats import CorpusSpec, layer_stats
 
     c = RunConfig.of(c)
@@ -275,7 +284,7 @@ def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenize
                       paths=tuple(str(Path(p).expanduser()) for p in s.paths), seed=s.seed)
     return layer_stats(cfg, params, tokenizer, edit_config(c).layers, spec, n_samples=s.n_samples, max_len=s.max_len,
                        cache_dir=stats_cache_dir(c), model_id=model_id, token_budget=s.token_budget,
-                       precision=s.precision)
+                       precision=s.precision, mesh=mesh)
 
 
 # Fingerprint fields added after run checkpoints already existed, with the value those older runs implied
@@ -475,6 +484,8 @@ def _progress(c: RunConfig, total: int, initial: int, desc: str):
 
 
 def _json_dump(path: Path, obj: Any) -> None:
+    if not is_writer():  # multi-process runs: process 0 writes the run files
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
     os.replace(tmp, path)
@@ -529,6 +540,7 @@ class RunSetup:
     fingerprint: dict[str, Any]  # what a checkpoint must match to be resumed
     restored: Restored | None  # the checkpoint to continue from (resume=True and one exists)
     wall: dict[str, float]  # seconds per part (load_model, templates, …): each stage adds its own entry
+    mesh: Any = None  # the run's device mesh (sharding.run_mesh from config.mesh)
 
     @property
     def kind(self) -> str:
@@ -566,6 +578,36 @@ def _restore(c: RunConfig, ckdir: Path, fp: dict[str, Any], ids: list[Any]) -> R
                     batch_log=list(meta["batch_log"]), glue_log=list(meta["glue_log"]))
 
 
+def _init_distributed(c: RunConfig) -> None:
+    """``config.distributed`` (or the JAX_* environment) → ``jax.distributed.initialize``; in a
+    multi-process run, the parts that still gather per-device results on one host are refused."""
+    d = c.distributed
+    try:
+        init_distributed(d.coordinator, d.num_processes, d.process_id, d.auto)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from e
+    if jax.process_count() == 1:
+        return
+    for field, on in (("eval.pre", c.eval.pre), ("eval.batch", c.eval.batch), ("eval.final", c.eval.final)):
+        if on:
+            raise ConfigError(f"config.{field}=True: evaluation is not supported in a multi-process run yet; set it "
+                              "False and evaluate the checkpointed model in one process")
+    if c.export_hf:
+        raise ConfigError("config.export_hf: HF export is not supported in a multi-process run yet; export from the "
+                          "checkpoint in one process")
+    if c.stats.kind == "model" or not c.templates.file:
+        raise ConfigError("config.stats.kind='model' / sampled templates: text generation is not supported in a "
+                          "multi-process run yet; use stats.kind=files|datasets and templates.file")
+
+
+def _run_mesh(c: RunConfig):
+    """The run's mesh from ``config.mesh`` (``sharding.run_mesh``; −1 = the rest of the devices)."""
+    try:
+        return run_mesh(c.mesh.data, c.mesh.model)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from e
+
+
 def setup(c: RunConfig) -> RunSetup:
     """Stage 1: model, cases, templates, every input row, and (resume) the checkpoint — all checked
     before anything is written.  Raises ``RunError`` / ``ConfigError``, ``RequestError``,
@@ -574,7 +616,8 @@ def setup(c: RunConfig) -> RunSetup:
     ecfg = edit_config(c)
     run_dir = Path(c.run_dir).expanduser().absolute()
     t = time.perf_counter()
-    cfg, params, tok = load_model_spec(c.model, dtype=c.dtype, seed=c.seed, remat=c.remat)
+    mesh = _run_mesh(c)
+    cfg, params, tok = load_model_spec(c.model, dtype=c.dtype, seed=c.seed, remat=c.remat, mesh=mesh)
     if max(ecfg.layers) >= cfg.n_layers:
         raise ConfigError(f"config.layers={ecfg.layers}: the model has {cfg.n_layers} layers")
     try:
@@ -584,6 +627,7 @@ def setup(c: RunConfig) -> RunSetup:
     model_id = c.model_id or model_id_for(c.model, cfg, c.seed, c.dtype)
     wall["load_model"] = time.perf_counter() - t
     log.info("model %s (%s, %d layers, d=%d, d_k=%d)", c.model, cfg.family, cfg.n_layers, cfg.d_model, cfg.d_ff)
+    log.info("%s", describe_layout(params, mesh))
 
     cases = load_run_cases(c, tok)
     chat = chat_of(c, tok)
@@ -602,7 +646,7 @@ def setup(c: RunConfig) -> RunSetup:
     restored = _restore(c, run_dir / "checkpoints", fp, ids) if c.resume else None
     return RunSetup(config=c, edit=ecfg, run_dir=run_dir, cfg=cfg, params=params, tokenizer=tok, model_id=model_id,
                     cases=cases, batches=batches, chat=chat, templates=templates, write_templates=write_templates,
-                    data_sha=data_sha, fingerprint=fp, restored=restored, wall=wall)
+                    data_sha=data_sha, fingerprint=fp, restored=restored, wall=wall, mesh=mesh)
 
 
 def statistics(s: RunSetup) -> tuple[EditState, list[int] | None]:
@@ -610,18 +654,19 @@ def statistics(s: RunSetup) -> tuple[EditState, list[int] | None]:
     statistics the editor ``needs`` (P and / or C0; C_p = 0) and the projector ranks (None without P)."""
     c = s.config
     t = time.perf_counter()
-    C0 = layer_statistics(c, s.cfg, s.params, s.tokenizer, s.model_id)
+    C0 = layer_statistics(c, s.cfg, s.params, s.tokenizer, s.model_id, mesh=s.mesh)
     P, ranks = None, None
     if "P" in s.edit.editor.needs:
         from metake_jax.projector import projectors_for_layers
 
         P, r = projectors_for_layers(C0, threshold=c.editor.nullspace_threshold, energy=c.editor.energy,
-                                     layers=s.edit.layers)
+                                     layers=s.edit.layers, mesh=s.mesh)
         ranks = [int(x) for x in r]
         log.info("null-space projector ranks %s of d_k=%d", ranks, s.cfg.d_ff)
     s.wall["statistics"] = time.perf_counter() - t
     log.info("templates %.1fs, statistics + projectors %.1fs", s.wall["templates"], s.wall["statistics"])
     state = init_state(s.params, s.cfg, s.edit.layers, P=P, C0=C0 if "C0" in s.edit.editor.needs else None)
+    state = state._replace(stats=jax.tree.map(lambda x: shard_stats(x, s.mesh), state.stats))  # C0, P, C_p row-sharded
     return state, ranks
 
 
@@ -683,9 +728,10 @@ def stream(s: RunSetup, state: EditState, base: BaseEval, hooks: RunHooks | None
     """Stage 4: the sequential batches on top of ``state`` (or of the restored checkpoint), a checkpoint
     after each; raises ``RunError`` naming the batch that failed (the state before it is kept)."""
     c, hooks, layers, bs = s.config, hooks or RunHooks(), s.edit.layers, s.config.batch_size
-    if not c.resume and s.ckdir.exists():
+    if not c.resume and s.ckdir.exists() and is_writer():
         log.info("resume=False: removing old checkpoints in %s", s.ckdir)
         shutil.rmtree(s.ckdir)
+    barrier("checkpoint-dir")
     ckpt = RunCheckpointer(s.ckdir, keep=c.keep_checkpoints)
     glue_on = base.glue_base is not None
     batch_log: list[dict[str, Any]] = []
@@ -695,21 +741,23 @@ def stream(s: RunSetup, state: EditState, base: BaseEval, hooks: RunHooks | None
     if s.restored is not None:
         r = s.restored
         try:
-            params = with_w_out(state.params, layers, r.kernels)
+            params = with_w_out(state.params, layers, replicate(r.kernels, s.mesh))
         except ValueError as e:
             raise RunError(f"checkpoint kernels: {e} (another model?)") from e
-        state = EditState(params=params, stats=state.stats._replace(Cp=jnp.asarray(r.Cp)), n_edits=r.n_done)
+        state = EditState(params=params, stats=state.stats._replace(Cp=shard_stats(r.Cp, s.mesh)), n_edits=r.n_done)
         batch_log, glue_log, start = list(r.batch_log), list(r.glue_log), r.step
         log.info("resumed from checkpoint %d (%d cases edited)", r.step, r.n_done)
 
     n = len(s.batches)
+    n_pad = -(-bs // mesh_size(s.mesh)) * mesh_size(s.mesh)  # request rows split evenly over the "data" axis
     bar = _progress(c, n, start, f"{c.method} edits")
     for b in range(start, n):
         reqs = [x.request for x in s.batches[b]]
         bids = [x.case_id for x in s.batches[b]]
         try:
-            # every batch (the last, partial one too) is padded to the batch size: one compiled shape
-            new_state, report = edit_batch(s.cfg, state, s.tokenizer, reqs, s.templates, s.edit, n_pad=bs,
+            # every batch (the last, partial one too) is padded to the batch size (rounded up to a
+            # multiple of the mesh's data axis): one compiled shape
+            new_state, report = edit_batch(s.cfg, state, s.tokenizer, reqs, s.templates, s.edit, n_pad=n_pad,
                                            chat=s.chat)
         except (EditError, RequestError) as e:
             if bar is not None:
@@ -733,7 +781,7 @@ def stream(s: RunSetup, state: EditState, base: BaseEval, hooks: RunHooks | None
         entry.update(_peak_memory())
         batch_log.append(entry)
         t = time.perf_counter()
-        ckpt.save(b + 1, {"kernels": np.asarray(w_out(state.params, layers)), "Cp": np.asarray(state.stats.Cp)},
+        ckpt.save(b + 1, {"kernels": to_host(w_out(state.params, layers)), "Cp": to_host(state.stats.Cp)},
                   {"batches_done": b + 1, "n_done": state.n_edits, "case_ids_done": s.ids[:b * bs + len(bids)],
                    "batch_log": batch_log, "glue_log": glue_log, "fingerprint": s.fingerprint,
                    "model_id": s.model_id, "config": _config_json(c)})
@@ -801,6 +849,8 @@ def outputs(s: RunSetup, st: Stream, base: BaseEval, post: dict[str, Any] | None
         "device": str(jax.devices()[0]), "config": _config_json(c),
     }
     _json_dump(s.run_dir / "results.json", results)
+    if not is_writer():
+        return results
     with open(s.run_dir / "edit_log.jsonl", "w") as f:
         for e in st.batch_log:
             f.write(json.dumps({"batch": e["batch"], "case_ids": e["case_ids"], "n_edits": e["n_edits"]},
@@ -824,10 +874,12 @@ def run(config: RunConfig | Any, *, hooks: RunHooks | None = None) -> dict[str, 
     is raised before anything is written to ``run_dir``.
     """
     t_start = time.perf_counter()
-    s = setup(RunConfig.of(config))
+    c = RunConfig.of(config)
+    _init_distributed(c)
+    s = setup(c)
     state, ranks = statistics(s)
     s.run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked
-    if s.write_templates is not None:
+    if s.write_templates is not None and is_writer():
         s.write_templates()
     base = evaluate_base(s)
     st = stream(s, state, base, hooks)

@@ -22,7 +22,8 @@ device count); its last batch is padded with empty rows to a power of two (then 
 So jit compiles one step per (B, T) shape.  Padding never enters the sum or the count.
 
 With a ``mesh`` the batch axis is split over its ``data`` axis (``jax.jit`` with ``NamedSharding``
-in/out shardings; XLA inserts the cross-device reduction); params are replicated.
+in/out shardings; XLA inserts the cross-device reduction); params keep their layout on that mesh
+(``sharding.shard_params``) or are replicated, and the sums come out row-sharded (``stats_sharding``).
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from metake_jax.errors import StatsMissingError
-from metake_jax.sharding import batch_sharding, mesh_size, pad_to_multiple, replicated
+from metake_jax.sharding import (
+    batch_sharding, mesh_of, mesh_size, pad_to_multiple, put_global, replicated, stats_sharding, to_host,
+)
 from models.config import ModelConfig
 from models.generate import bucket_length
 from models.interface import forward
@@ -102,8 +105,9 @@ def _compiled_step(cfg: ModelConfig, layers: tuple[int, ...], mesh: Mesh | None,
     body = functools.partial(_step_body, cfg, layers, _precision(precision))
     if mesh is None:
         return jax.jit(body)
-    rep, rows = replicated(mesh), batch_sharding(mesh, 2)
-    return jax.jit(body, in_shardings=(rep, rows, rows), out_shardings=rep)
+    # params keep the layout they were placed with (replicated, or the run's logical-axis rules);
+    # the sums come out row-sharded over every device (sharding.stats_sharding)
+    return jax.jit(body, out_shardings=stats_sharding(mesh, (len(layers), cfg.d_key, cfg.d_key)))
 
 
 def second_moment_step(cfg: ModelConfig, params: Params, tokens: Array, mask: Array,
@@ -142,7 +146,7 @@ def accumulate_second_moment(
     layers = _check_layers(cfg, layers)
     step = _compiled_step(cfg, layers, mesh, precision)
     n_dev = mesh_size(mesh)
-    if mesh is not None:
+    if mesh is not None and mesh_of(params) != mesh:
         params = jax.device_put(params, replicated(mesh))
     total = None
     count = 0
@@ -154,7 +158,7 @@ def accumulate_second_moment(
         if n_dev > 1:
             tokens, mask = pad_to_multiple(tokens, n_dev), pad_to_multiple(mask, n_dev)
             rows = batch_sharding(mesh, 2)
-            tokens, mask = jax.device_put(tokens, rows), jax.device_put(mask, rows)
+            tokens, mask = put_global(tokens, rows), put_global(mask, rows)
         s = step(params, tokens, mask)
         total = s if total is None else total + s
     if total is None:
@@ -512,7 +516,7 @@ def layer_stats(
         batches = make_batches(token_lists, max_len=max_len, token_budget=token_budget,
                                multiple=mesh_size(mesh))
         sums, count = accumulate_second_moment(cfg, params, batches, missing, mesh=mesh, precision=precision)
-        sums = np.asarray(jax.device_get(sums))
+        sums = to_host(sums)
         if count <= 0:
             raise CorpusError(f"statistics corpus {cid} has no tokens")
         for j, l in enumerate(missing):

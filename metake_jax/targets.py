@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from metake_jax.batch import EditBatch, take_requests
+from metake_jax.sharding import to_host
 from metake_jax.tokens import bucket, bucket_requests
 from models.config import ModelConfig
 from models.interface import (
@@ -165,7 +166,7 @@ def row_groups(
     With ``prefix_reuse`` rows are sorted by suffix length (row length - subject-last index) and
     each group's widths are a ``GroupWidths`` (full row, prefix = subject-last index, suffix).
     """
-    mask = np.asarray(batch.mask)
+    mask = to_host(batch.mask)
     R, T = mask.shape
     n_groups = min(int(n_groups), R)
     lens = mask.sum(axis=1)

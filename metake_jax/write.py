@@ -23,6 +23,7 @@ from metake_jax.editors import Editor, LayerStats
 from metake_jax.editors.linalg import SolveDiagnostics, check_solve
 from metake_jax.errors import EditError
 from metake_jax.keys import keys_and_hidden
+from metake_jax.sharding import to_host
 from models.config import ModelConfig
 from models.interface import ffn_output, w_out, with_w_out
 
@@ -58,7 +59,7 @@ def check_write(aux: WriteAux, layers: tuple[int, ...]) -> None:
     residual and estimated forward error): raises ``IllConditionedError`` naming the layer."""
     if aux.solve is None:
         return
-    d = SolveDiagnostics(*(np.asarray(x) for x in aux.solve))
+    d = SolveDiagnostics(*(to_host(x) for x in aux.solve))
     for j, layer in enumerate(layers):
         check_solve(SolveDiagnostics(d.rel_residual[j], d.cond_est[j], d.eps[j]), layer)
 
@@ -125,11 +126,11 @@ def apply_deltas(params: Any, layers: tuple[int, ...], deltas: Array) -> Any:
     Raises EditError (naming the layer) if any increment or resulting weight is non-finite; the
     input tree is never modified.
     """
-    d = np.asarray(deltas)
+    finite = to_host(jnp.isfinite(deltas).all(axis=tuple(range(1, deltas.ndim))))  # (m,): no host copy of deltas
     for j, l in enumerate(layers):
-        if not np.isfinite(d[j]).all():
+        if not finite[j]:
             raise EditError(f"non-finite update for layer {l}: refusing to write the batch")
-    out = with_w_out(params, tuple(layers), d, add=True)
+    out = with_w_out(params, tuple(layers), deltas, add=True)
     if not bool(jnp.isfinite(w_out(out, tuple(layers))).all()):
         raise EditError(f"edited weights of layers {layers} would be non-finite: batch not written")
     return out

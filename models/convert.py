@@ -17,11 +17,12 @@ Every failure raises ``ConversionError`` naming the file / tensor / architecture
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,13 +71,23 @@ def cast(cfg: ModelConfig, params: Params, dtype: str | None) -> tuple[ModelConf
     return _with_dtype(cfg, dtype), jax.tree.map(lambda a: a.astype(dtype), params)
 
 
-def _to_device(params: Params, dtype: Any = None) -> Params:
-    """numpy leaves -> jax arrays, in place, freeing each numpy leaf as soon as it is copied."""
+# How loaded leaves reach the devices: None = ``jnp.asarray`` (the default device), else a callable
+# ``place(path: tuple[str, ...], host: np.ndarray) -> jax.Array`` (e.g. a sharded placement that sends
+# each device only its slice; set by ``models.load.load_model(place=...)``).
+PLACE: contextvars.ContextVar[Callable[[tuple[str, ...], np.ndarray], Any] | None] = contextvars.ContextVar(
+    "PLACE", default=None)
+
+
+def _to_device(params: Params, dtype: Any = None, _prefix: tuple[str, ...] = ()) -> Params:
+    """numpy leaves -> jax arrays (placed by ``PLACE``), in place, freeing each numpy leaf as soon
+    as it is copied."""
+    place = PLACE.get()
     for k, v in params.items():
         if isinstance(v, dict):
-            _to_device(v, dtype)
+            _to_device(v, dtype, _prefix + (k,))
         else:
-            params[k] = jnp.asarray(v, dtype=dtype)
+            params[k] = jnp.asarray(v, dtype=dtype) if place is None else place(
+                _prefix + (k,), np.asarray(v, dtype=dtype))
             del v
     return params
 

@@ -16,11 +16,11 @@ neither of them imports the other's caller.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from models.config import ModelConfig
 from models.convert import (
-    CONVERTED_MARKER, cast, converted_tokenizer, is_converted_dir, load_gguf, load_hf_checkpoint, load_tokenizer,
+    CONVERTED_MARKER, PLACE, cast, converted_tokenizer, is_converted_dir, load_gguf, load_hf_checkpoint, load_tokenizer,
     np_dtype, resolve_hf_dir, restore_converted,
 )
 from models.errors import ConversionError
@@ -41,14 +41,25 @@ def _try_tokenizer(path: Path) -> Any:
         return None
 
 
-def load_model(spec: str, *, dtype: str | None = None, seed: int = 0) -> tuple[ModelConfig, Params, Any]:
+def load_model(spec: str, *, dtype: str | None = None, seed: int = 0,
+               place: Callable[[tuple[str, ...], Any], Any] | None = None) -> tuple[ModelConfig, Params, Any]:
     """(config, params, tokenizer or None) of a model spec (see the module docstring).
 
     dtype: ``"float32"`` | ``"bfloat16"`` | None (keep the stored dtype; float32 for HF / GGUF
-    sources and random models).  seed: the weights of a ``random:`` spec.
+    sources and random models).  seed: the weights of a ``random:`` spec.  ``place(path, host
+    array) -> jax.Array``: how each leaf read from a file reaches the devices (e.g. sharded, so that
+    no device ever holds the whole tree; ``models.convert.PLACE``); random models are built on the
+    default device.
     Raises ConversionError naming the spec, file or tensor at fault (a bad ``random:`` spec too).
     """
-    spec = str(spec)
+    token = PLACE.set(place)
+    try:
+        return _load(str(spec), dtype, seed)
+    finally:
+        PLACE.reset(token)
+
+
+def _load(spec: str, dtype: str | None, seed: int) -> tuple[ModelConfig, Params, Any]:
     if spec.lower() in EMBEDDED_NAMES:
         from models.embedded import load_smollm2
 

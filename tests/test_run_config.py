@@ -82,7 +82,9 @@ BAD = [  # (dotted field, value, the message: field named first)
     ("eval.glue_tasks", ("sst2", 3), r"^config\.eval\.glue_tasks\[1\]: expected str, got 3$"),
     ("eval.foo", 1, r"^config\.eval\.foo: unknown field \(known: pre, final, "),
     ("templates.length", 0, r"^config\.templates\.length must be >= 1, got 0$"),
-    ("mesh", {}, r"^config\.mesh: unknown field \(known: model, dtype, "),
+    ("sharding", {}, r"^config\.sharding: unknown field \(known: model, dtype, "),
+    ("mesh.pipeline", 2, r"^config\.mesh\.pipeline: unknown field \(known: data, model\)$"),
+    ("mesh.data", 0, r"^config\.mesh\.data must be a positive device count or -1 \(the rest\), got 0$"),
 ]
 
 
