@@ -51,7 +51,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(f"bad flag: {one_line(e)}")
     except (KeyError, AttributeError) as e:  # --config.<field> with no such field
-        fail(f"bad --config override: unknown field {one_line(e)}")
+        bad = [a.split("=", 1)[0].lstrip("-") for a in argv if a.startswith("--config.")]
+        name = str(e.args[0] if e.args else e).strip("'\"")
+        field = next((b for b in bad if b.split(".")[-1] == name), name)
+        hint = ""
+        if field.startswith("config.editor.") and field.count(".") == 2:
+            hint = " (editor hyper-parameters are per editor: config.editor.<name>.<field>, e.g. config.editor.alphaedit.l2)"
+        fail(f"bad --config override: unknown field {field}{hint}")
     except (ValueError, TypeError) as e:  # a --config.<field> value that does not fit the field
         fail(f"bad --config override: {one_line(e)}")
     except (OSError, SyntaxError, ImportError) as e:  # overrides on a config file that did not load

@@ -48,4 +48,8 @@ def resolve(method: str) -> Method:
         return Method(DEFAULT_METAKE_EDITOR, dict(ABLATIONS[method]))
     if method.startswith("metake_") and method in methods():
         return Method(method[len("metake_"):], {})
+    inner = method[len("metake_"):]
+    if method.startswith("metake_") and inner in editors.EDITOR_MODULES:
+        raise ValueError(f"config.method={method!r}: MetaKE needs a gated editor (update Δ = R·B(K)) and {inner!r} "
+                         f"is not (gated: {', '.join(gated_editors())}; docs/FORMULAS.md §6)")
     raise ValueError(f"config.method={method!r} is not one of {', '.join(methods())}")

@@ -619,7 +619,8 @@ def setup(c: RunConfig) -> RunSetup:
     mesh = _run_mesh(c)
     cfg, params, tok = load_model_spec(c.model, dtype=c.dtype, seed=c.seed, remat=c.remat, mesh=mesh)
     if max(ecfg.layers) >= cfg.n_layers:
-        raise ConfigError(f"config.layers={ecfg.layers}: the model has {cfg.n_layers} layers")
+        field = "layers" if ecfg.editor.layers is None else f"editor.{ecfg.editor.name}.layers"
+        raise ConfigError(f"config.{field}={ecfg.layers}: the model has {cfg.n_layers} layers")
     try:
         ecfg.editor.check_model(cfg)  # e.g. SPHERE's stored layout of fc_out
     except ValueError as e:

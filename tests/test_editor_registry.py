@@ -94,3 +94,14 @@ def test_metake_over_an_ungated_editor_is_refused():
         EditConfig(layers=(1,), editor=Masked(), metake=MetaKEConfig())
     with pytest.raises(NotGatedError):
         Masked().gate(jnp.zeros((3, 2)), 0, _stats(4, 1, 0))
+
+
+def test_negative_regularizers_and_metake_over_ungated_editors_are_named():
+    for name in editors.names():
+        for field in editors.get(name).nonnegative:
+            with pytest.raises(ValueError, match=rf"editor\.{name}\.{field} must be >= 0"):
+                editors.build(name, {field: -1.0})
+    for name in editors.names():
+        if not editors.get(name).gated:
+            with pytest.raises(ValueError, match=rf"'{name}' is not"):
+                resolve(f"metake_{name}")

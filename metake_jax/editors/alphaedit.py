@@ -122,6 +122,7 @@ class AlphaEdit(Editor):
     name: ClassVar[str] = "alphaedit"
     needs: ClassVar[frozenset[str]] = frozenset({"P"})
     reference: ClassVar[str] = "jianghoucheng/AlphaEdit AlphaEdit/AlphaEdit_main.py"
+    nonnegative: ClassVar[tuple[str, ...]] = ("l2",)
 
     solve_dtype: str = "float32"
     l2: float = 10.0

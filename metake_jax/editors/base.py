@@ -86,6 +86,8 @@ class Editor:
     targets: ClassVar[str] = "block"
     #: the public code whose computation this editor follows (module docstrings give file and lines)
     reference: ClassVar[str] = ""
+    #: hyper-parameters that must be >= 0 (regularizers); checked at construction
+    nonnegative: ClassVar[tuple[str, ...]] = ()
 
     solve_dtype: str = "float32"
     layers: tuple[int, ...] | None = None
@@ -98,6 +100,9 @@ class Editor:
             if not ls or list(ls) != sorted(set(ls)):
                 raise ValueError(f"editor.{self.name}.layers must be a non-empty increasing tuple, got {self.layers}")
             object.__setattr__(self, "layers", ls)
+        for f in self.nonnegative:
+            if not float(getattr(self, f)) >= 0:
+                raise ValueError(f"editor.{self.name}.{f} must be >= 0, got {getattr(self, f)!r}")
         if (self.key_average not in KEY_AVERAGES or not self.needs <= set(STATISTICS)
                 or self.targets not in TARGETS):
             raise TypeError(f"editor class {type(self).__name__} declares an unknown key_average, statistic or targets")

@@ -45,6 +45,7 @@ class AlphaEditBLUE(Editor):
     gated: ClassVar[bool] = False
     per_layer_targets: ClassVar[bool] = True
     reference: ClassVar[str] = "xpq-tech/BLUE AlphaEdit/AlphaEdit_main.py (BLUE branch)"
+    nonnegative: ClassVar[tuple[str, ...]] = ("l2",)
 
     solve_dtype: str = "float32"
     l2: float = 1.0

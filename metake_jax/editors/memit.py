@@ -109,6 +109,7 @@ class MEMIT(Editor):
     name: ClassVar[str] = "memit"
     needs: ClassVar[frozenset[str]] = frozenset({"C0"})
     reference: ClassVar[str] = "kmeng01/memit memit/memit_main.py (AE copy)"
+    nonnegative: ClassVar[tuple[str, ...]] = ("mom2_update_weight",)
 
     solve_dtype: str = "float64"
     mom2_update_weight: float = 15000.0

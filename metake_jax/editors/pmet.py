@@ -44,6 +44,7 @@ class PMET(Editor):
     gated: ClassVar[bool] = False
     targets: ClassVar[str] = "attn_ffn"
     reference: ClassVar[str] = "xpq-tech/BLUE pmet/compute_zs.py, pmet/pmet_main.py (= xpq-tech/PMET)"
+    nonnegative: ClassVar[tuple[str, ...]] = ("mom2_update_weight",)
 
     solve_dtype: str = "float64"
     mom2_update_weight: float = 15000.0
