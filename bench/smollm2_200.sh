@@ -10,6 +10,9 @@
 # With SEEDS, run dirs are runs/<ds>200_<method>_s<S>[_t<TSEED>] and `launch/compare.py --paired` reads them
 # (METHOD.md §11: paired intervals over the same cases; the TSEED runs give the noise floor).
 #
+# Every run logs β, γ per request (eval.association): the γ-vs-association figure of the runs is
+#   python launch/analyze.py --analysis=gamma --runs=runs/cf200_memit_s0,runs/cf200_alphaedit_s0,runs/cf200_metake_s0
+#
 # Idempotent: a run whose results.json exists is skipped; an interrupted one resumes from its last
 # per-batch checkpoint (--config.resume=True starts fresh when there is none).  ~40 min per run on a
 # 2-core CPU.  Tables: python launch/compare.py runs/cf200_memit runs/cf200_alphaedit runs/cf200_metake
@@ -34,7 +37,7 @@ for job in "${jobs[@]}"; do
   if [ -f "$dir/results.json" ]; then echo "=== $job: done ($dir/results.json)"; continue; fi
   echo "=== $job ${dir} start $(date -u +%T)"
   .venv/bin/python launch/edit.py $args --config.data.n=200 --config.batch_size=20 --config.method=$m \
-      --config.run_dir=$dir --config.resume=True 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" > "$dir.log"
+      --config.eval.association=True --config.run_dir=$dir --config.resume=True 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" > "$dir.log"
   echo "=== $job rc ${PIPESTATUS[0]} end $(date -u +%T)"
 done
 done

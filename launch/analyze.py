@@ -9,6 +9,10 @@
   the association β_i at the final edited layer with that batch's C_p, and after the batch's full
   multi-layer write the realized γ_i = ⟨r̂_i, r_i⟩/(‖r_i‖² + ε) of the targets actually written;
   ``--bins`` quantile bins of β, mean γ ± standard error, per-request points, α = β/(1+β).
+  With ``--runs=<dir>,...`` it reads the β, γ that finished ``launch/edit.py --config.eval.association=True``
+  runs logged (pooled per method, e.g. over seeds) and runs no stream::
+
+      python launch/analyze.py --analysis=gamma --runs=runs/cf200_memit_s0,runs/cf200_alphaedit_s0,runs/cf200_metake_s0
 * ``kl``     (Fig. 5): Stage I λ_KL over ``--kl_grid`` for ``--kl_method``; Efficacy on the final
   model for the low-β (bottom ``--kl_frac``) and high-β (top) requests (β from the stream at the
   grid point nearest the config's λ_KL); per-group argmax λ (ties → smaller λ).
@@ -48,6 +52,9 @@ _N = flags.DEFINE_integer("n", None, "Number of cases edited (default: all the c
 _BS = flags.DEFINE_integer("batch_size", None, "Requests per sequential batch (default: config.batch_size).")
 _METHODS = flags.DEFINE_list("methods", ["memit", "alphaedit", "metake"], "Methods for gamma / shift.")
 _BINS = flags.DEFINE_integer("bins", 13, "Quantile bins of β (paper: 13).")
+_RUNS = flags.DEFINE_list("runs", None, "gamma only: run directories of `launch/edit.py --config.eval.association=True` "
+                          "(results.json + edit_log.jsonl); β, γ are read from them (pooled per method over the "
+                          "runs, e.g. seeds) instead of running streams; no --config needed.")
 _KL_GRID = flags.DEFINE_list("kl_grid", None, "Stage I λ_KL values (default: config λ_KL × 1/4, 1/2, 1, 2, 4).")
 _KL_METHOD = flags.DEFINE_string("kl_method", None, "Method of the KL sweep (default: config.method).")
 _KL_FRAC = flags.DEFINE_float("kl_frac", 0.2, "Fraction of requests in each β group (paper: 0.2).")
@@ -136,6 +143,54 @@ class Context:
         print(md + "\n", flush=True)
 
 
+class RunsContext:
+    """``--runs``: the β, γ that finished runs logged per request (``eval.association``), as streams per method."""
+
+    def __init__(self, dirs: list[str], out: Path) -> None:
+        import numpy as np
+
+        from launch._common import fail
+        from metake_jax.analysis import StreamMeasure
+
+        t = time.perf_counter()
+        self.out, self.streams, self.kinds, self.runs = out, {}, set(), {}
+        pooled: dict[str, dict[str, list]] = {}
+        for d in dirs:
+            res_path, log_path = Path(d) / "results.json", Path(d) / "edit_log.jsonl"
+            if not res_path.is_file() or not log_path.is_file():
+                fail(f"--runs: {d} has no results.json / edit_log.jsonl (a finished launch/edit.py run)")
+            res = json.loads(res_path.read_text())
+            m = str(res["method"])
+            self.kinds.add(str(res.get("kind")))
+            p = pooled.setdefault(m, {"case_ids": [], "beta": [], "gamma": [], "planned_norm": []})
+            self.runs.setdefault(m, []).append(d)
+            for i, line in enumerate(log_path.read_text().splitlines()):
+                e = json.loads(line)
+                if "beta" not in e or "gamma" not in e:
+                    fail(f"--runs: {log_path} line {i + 1} (batch {e.get('batch')}) has no beta/gamma: "
+                                     "rerun with --config.eval.association=True")
+                p["case_ids"] += [f"{d}:{c}" for c in e["case_ids"]]
+                for k in ("beta", "gamma", "planned_norm"):
+                    p[k] += e[k]
+        for m, p in pooled.items():
+            self.streams[m] = StreamMeasure(state=None, case_ids=p["case_ids"], beta=np.asarray(p["beta"], float),
+                                            gamma=np.asarray(p["gamma"], float),
+                                            planned_norm=np.asarray(p["planned_norm"], float), seconds=0.0)
+        self.methods = list(pooled)
+        self.cases = max(self.streams.values(), key=lambda st: len(st.beta)).case_ids
+        self.setup_s = time.perf_counter() - t
+
+    def stream(self, method: str, kl: float | None = None):
+        return self.streams[method]
+
+    def sizes(self) -> list[str]:
+        lines = [f"sizes: β, γ logged by finished runs ({'/'.join(sorted(self.kinds))}), pooled per method:"]
+        lines += [f"- {m}: {len(self.streams[m].beta)} requests from {', '.join(self.runs[m])}" for m in self.methods]
+        return lines
+
+    write = Context.write
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
@@ -165,7 +220,7 @@ def run_gamma(ctx: Context) -> None:
     from metake_jax.analysis import attenuation, quantile_bins
 
     t0 = time.perf_counter()
-    methods = list(_METHODS.value)
+    methods = list(getattr(ctx, "methods", None) or _METHODS.value)  # --runs: the runs' methods
     data, rows = {"methods": {}, "bins": _BINS.value}, []
     plt = _plt()
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), sharey=True, squeeze=False)
@@ -415,9 +470,20 @@ RUNNERS = {"gamma": run_gamma, "kl": run_kl, "sensitivity": run_sensitivity, "sh
 def main(argv: list[str]) -> None:
     from launch._common import checked_config, setup_logging
 
+    chosen = ANALYSES if "all" in _ANALYSIS.value else tuple(a for a in ANALYSES if a in _ANALYSIS.value)
+    if _RUNS.value:
+        from launch._common import fail
+
+        if chosen != ("gamma",):
+            fail(f"--runs: only --analysis=gamma reads finished runs (got {','.join(chosen)})")
+        setup_logging()
+        out = Path(_OUT.value or Path(_RUNS.value[0]) / "analysis").expanduser()
+        ctx = RunsContext(list(_RUNS.value), out)
+        run_gamma(ctx)
+        print(f"outputs in {out}")
+        return
     c = checked_config(argv, _CONFIG.value)
     setup_logging()
-    chosen = ANALYSES if "all" in _ANALYSIS.value else tuple(a for a in ANALYSES if a in _ANALYSIS.value)
     from metake_jax.runner import METHODS
 
     unknown = [m for m in _METHODS.value if m not in METHODS]

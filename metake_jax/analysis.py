@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from metake_jax.editors import Editor, LayerStats
-from metake_jax.batch import EditBatch, prepare_batch
-from metake_jax.editor import EditConfig, EditState, compute_targets, look_rows, write_targets
-from metake_jax.keys import keys_and_hidden
+from metake_jax.batch import EditBatch
+from metake_jax.editor import EditConfig, EditState, edit_batch, measure_after, measure_before, write_targets
+from metake_jax.write import association_beta, realized_gamma  # noqa: F401  (re-exported)
 from metake_jax.tokens import encode, pad_id, pad_right
 from models.config import ModelConfig
 from models.interface import forward
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 _HI = jax.lax.Precision.HIGHEST
-_keys_and_hidden = jax.jit(keys_and_hidden, static_argnames=("cfg", "layers"))
 
 
 # ============================================================================ association / realized γ (§5)
@@ -54,41 +53,10 @@ def solve_scope(editor: Editor) -> contextlib.AbstractContextManager:
     return editor.scope()
 
 
-def association_beta(K: Array, stats: LayerStats, editor: Editor, slot: int = -1) -> np.ndarray:
-    """Association ``β_i`` of each request at edited-layer slot ``slot`` (docs/FORMULAS.md §5, §10).
-
-    AlphaEdit: ``β_i = k_iᵀ P A⁻¹ k_i`` with ``A = C_p P + λ I`` (the slot's P, C_p, λ = ``l2``);
-    MEMIT: ``β_i = k_iᵀ (λ_C C_0)⁻¹ k_i`` (plus C_p inside the inverse when ``use_cache``).
-    Computed in float64 through ``editor.association`` (which gives ``α = β/(1+β)``) and inverted,
-    ``β = α/(1−α)``; float64 keeps that inversion accurate.  Raises NotImplementedError for an editor
-    without an association statistic.
-
-    K: (d_key, n_req) keys at the slot's layer (columns = requests), before the write.
-    Returns a float64 numpy array (n_req,), dimensionless.  Raises ValueError on shape mismatch
-    (from the editors' checks).
-    """
-    with jax.enable_x64(True):
-        Kd = jnp.asarray(K, jnp.float64)
-        a = np.asarray(editor.association(Kd, slot, stats), np.float64)
-    with np.errstate(divide="ignore"):
-        return a / (1.0 - a)
-
-
 def attenuation(beta: np.ndarray) -> np.ndarray:
     """Prop. 1 attenuation ``α = β / (1 + β)`` (docs/FORMULAS.md §5); same shape as ``beta``."""
     b = np.asarray(beta, np.float64)
     return b / (1.0 + b)
-
-
-@jax.jit
-def realized_gamma(R_planned: Array, R_realized: Array, eps: float = 1e-8) -> Array:
-    """``γ_i = ⟨r̂_i, r_i⟩ / (‖r_i‖² + ε)`` per request (docs/FORMULAS.md §5 C.6, §10).
-
-    R_planned: (d_model, n_req) planned residuals ``r_i = z_i − h_L,i``;
-    R_realized: (d_model, n_req) realized ``r̂_i = h_L,i^post − h_L,i``.  Returns (n_req,) float32.
-    """
-    num = jnp.sum(R_realized * R_planned, axis=0)
-    return num / (jnp.sum(jnp.square(R_planned), axis=0) + eps)
 
 
 class WriteMeasure(NamedTuple):
@@ -105,20 +73,17 @@ def measure_write(cfg: ModelConfig, state: EditState, batch: EditBatch, Z: Array
     """Write targets ``Z`` (d_model, n_pad) with the multi-layer write and measure β and γ (§10 Fig. 4).
 
     Before the write: keys ``K_L`` (d_key, n_pad) and ``h_L`` (d_model, n_pad) at the final edited
-    layer on ``state.params``, ``β`` from that state's C_p (:func:`association_beta`).  After
-    ``editor.write_targets`` (all layers, C_p update): ``h_L^post``; ``r = Z − h_L``,
-    ``r̂ = h_L^post − h_L``.  ``n``: number of real requests (the first ``n`` columns).
+    layer on ``state.params``, ``β`` from that state's C_p (``write.association_beta``; None for an editor
+    without an association statistic).  After ``editor.write_targets`` (all layers, C_p update):
+    ``h_L^post``; ``r = Z − h_L``, ``r̂ = h_L^post − h_L``.  ``n``: number of real requests (the first
+    ``n`` columns).  The same measurement as ``EditConfig.measure`` in ``edit_batch``.
     Raises ``EditError`` (from the write) when the update is non-finite; ``state`` is then unchanged.
     """
-    layers = ecfg.layers
-    K, H = _keys_and_hidden(cfg, state.params, batch, layers)
-    beta = association_beta(K[-1], state.stats, ecfg.editor)
-    new_state, _ = write_targets(cfg, state, batch, Z, ecfg, {} if timings is None else timings)
-    _, H_post = _keys_and_hidden(cfg, new_state.params, batch, layers)
-    R = Z - H
-    gamma = realized_gamma(R, H_post - H)
-    return WriteMeasure(beta=beta[:n], gamma=np.asarray(gamma, np.float64)[:n],
-                        planned_norm=np.asarray(jnp.linalg.norm(R, axis=0), np.float64)[:n], state=new_state)
+    timings = {} if timings is None else timings
+    before = measure_before(cfg, state, batch, ecfg, timings)
+    new_state, _ = write_targets(cfg, state, batch, Z, ecfg, timings)
+    m = measure_after(cfg, new_state, batch, ecfg, Z, before, n, timings)
+    return WriteMeasure(beta=m["beta"], gamma=m["gamma"], planned_norm=m["planned_norm"], state=new_state)
 
 
 @dataclasses.dataclass
@@ -138,25 +103,22 @@ def measure_stream(cfg: ModelConfig, state: EditState, tokenizer: Any, batches: 
                    ) -> StreamMeasure:
     """Edit ``batches`` of requests in sequence (docs/FORMULAS.md §9) and measure β, γ per batch (§10 Fig. 4).
 
-    Each batch: tokenize → Stage I (+ MetaKE refinement when ``ecfg.metake``) with
-    ``editor.compute_targets`` → :func:`measure_write` of the targets actually written.
+    Each batch goes through ``editor.edit_batch`` with ``EditConfig.measure`` on (Stage I, MetaKE refinement
+    when ``ecfg.metake``, the write, β before it and γ after it, as :func:`measure_write`).
     ``n_pad``: pad every batch to this many requests (one compiled shape).  Python loops over
     batches only; each batch is one set of jitted computations.  Raises what ``edit_batch`` raises.
     """
     t0 = time.perf_counter()
+    ecfg = dataclasses.replace(ecfg, measure=True)
     ids, betas, gammas, norms = [], [], [], []
     for reqs in batches:
-        host, n = prepare_batch(tokenizer, reqs, templates, n_pad=n_pad)
-        batch = EditBatch(*[jnp.asarray(x) for x in host])
-        lb = look_rows(host, ecfg.metake) if ecfg.metake is not None else None
-        timings: dict[str, float] = {}
-        Z, _, _ = compute_targets(cfg, state, batch, ecfg, timings, lb)
-        m = measure_write(cfg, state, batch, Z, ecfg, n, timings)
-        state = m.state
-        ids += [getattr(r, "case_id", None) for r in reqs]
-        betas.append(m.beta)
-        gammas.append(m.gamma)
-        norms.append(m.planned_norm)
+        state, rep = edit_batch(cfg, state, tokenizer, reqs, templates, ecfg, n_pad=n_pad)
+        if rep.beta is None:
+            raise NotImplementedError(f"editor {ecfg.editor.name!r} has no association statistic β")
+        ids += rep.case_ids
+        betas.append(rep.beta)
+        gammas.append(rep.gamma)
+        norms.append(rep.planned_norm)
     return StreamMeasure(state=state, case_ids=ids, beta=np.concatenate(betas), gamma=np.concatenate(gammas),
                          planned_norm=np.concatenate(norms), seconds=time.perf_counter() - t0)
 

@@ -23,7 +23,9 @@ from metake_jax.metake import MetaKEConfig, refine_targets
 from metake_jax.sharding import mesh_of, shard_rows, to_host
 from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
-from metake_jax.write import apply_deltas, check_write, multilayer_write, updated_key_cache
+from metake_jax.keys import keys_and_hidden
+from metake_jax.write import (apply_deltas, association_beta, check_write, multilayer_write, realized_gamma,
+                              updated_key_cache)
 from models.config import ModelConfig
 from models.interface import w_out, with_w_out
 
@@ -41,6 +43,7 @@ class EditConfig:
     stage1: StageIConfig = StageIConfig()
     editor: Editor = AlphaEdit()
     metake: MetaKEConfig | None = None
+    measure: bool = False  # per-request association β and realized γ in the BatchReport (§5, §10 Fig. 4)
 
     def __post_init__(self) -> None:
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -74,6 +77,9 @@ class BatchReport:
     meta_losses: np.ndarray | None  # (T+1, n)
     residual_norm: np.ndarray  # (m, n)
     timings: dict[str, float]
+    beta: np.ndarray | None = None  # (n,) association at the final edited layer before the write (measure)
+    gamma: np.ndarray | None = None  # (n,) realized coefficient of the written targets (measure)
+    planned_norm: np.ndarray | None = None  # (n,) ‖z_i − h_L,i‖ before the write (measure)
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -85,10 +91,15 @@ class BatchReport:
         if self.meta_losses is not None:
             out["meta_loss_first_mean"] = float(self.meta_losses[0].mean())
             out["meta_loss_last_mean"] = float(self.meta_losses[-1].mean())
+        for k in ("beta", "gamma", "planned_norm"):
+            v = getattr(self, k)
+            if v is not None:  # per request, in case order (float('nan') where undefined)
+                out[k] = [float(x) for x in np.asarray(v, np.float64)]
         return out
 
 
 _write = jax.jit(multilayer_write, static_argnames=("cfg", "layers", "editor"))
+_keys_and_hidden = jax.jit(keys_and_hidden, static_argnames=("cfg", "layers"))
 
 
 def _timed(timings: dict[str, float], key: str, fn, *args, **kw):
@@ -215,15 +226,46 @@ def edit_batch(
         ref = None
     else:
         Z, s1, ref = compute_targets(cfg, state, batch, ecfg, timings, lb)
+        before = measure_before(cfg, state, batch, ecfg, timings) if ecfg.measure else None
         new_state, aux = write_targets(cfg, state, batch, Z, ecfg, timings)
+        measured = measure_after(cfg, new_state, batch, ecfg, Z, before, n, timings) if ecfg.measure else {}
     timings["total"] = time.perf_counter() - t0
     report = BatchReport(
         case_ids=[getattr(r, "case_id", None) for r in requests],
         stage1_losses=to_host(s1.losses)[:, :n], stage1_steps=to_host(s1.steps_taken)[:n],
         meta_losses=None if ref is None else to_host(ref.losses)[:, :n],
-        residual_norm=to_host(aux.residual_norm)[:, :n], timings=timings,
+        residual_norm=to_host(aux.residual_norm)[:, :n], timings=timings, **measured,
     )
     return new_state, report
+
+
+def measure_before(cfg: ModelConfig, state: EditState, batch: EditBatch, ecfg: EditConfig,
+                    timings: dict[str, float]) -> tuple[Array, Array, np.ndarray | None]:
+    """``EditConfig.measure``, before the write: (K_L (d_k, n_pad), H_L (d, n_pad), β (n_pad,) or None for an
+    editor without an association statistic) on the unedited-by-this-batch model (docs/FORMULAS.md §5, §10)."""
+    t = time.perf_counter()
+    K, H = _keys_and_hidden(cfg, state.params, batch, tuple(ecfg.layers))
+    try:
+        beta = association_beta(to_host(K[-1]), state.stats, ecfg.editor)
+    except NotImplementedError:
+        beta = None
+    timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t
+    return K, H, beta
+
+
+def measure_after(cfg: ModelConfig, new_state: EditState, batch: EditBatch, ecfg: EditConfig, Z: Array,
+                   before: tuple[Array, Array, np.ndarray | None], n: int,
+                   timings: dict[str, float]) -> dict[str, np.ndarray | None]:
+    """``EditConfig.measure``, after the full multi-layer write: realized γ_i = ⟨r̂_i, r_i⟩/‖r_i‖² with
+    r = Z − h_L, r̂ = h_L^post − h_L (docs/FORMULAS.md §5 C.6, §10 Fig. 4); real requests only."""
+    t = time.perf_counter()
+    _, H, beta = before
+    _, H_post = _keys_and_hidden(cfg, new_state.params, batch, tuple(ecfg.layers))
+    R = Z - H
+    gamma = to_host(realized_gamma(R, H_post - H))[:n].astype(np.float64)
+    norm = to_host(jnp.linalg.norm(R, axis=0))[:n].astype(np.float64)
+    timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t
+    return {"beta": None if beta is None else np.asarray(beta, np.float64)[:n], "gamma": gamma, "planned_norm": norm}
 
 
 def _edit_one_at_a_time(cfg: ModelConfig, state: EditState, tokenizer: Any, requests: Sequence[Any],
@@ -246,6 +288,8 @@ def _edit_one_at_a_time(cfg: ModelConfig, state: EditState, tokenizer: Any, requ
         stage1_steps=cat([rep.stage1_steps for rep in reports], 0),
         meta_losses=None if reports[0].meta_losses is None else cat([rep.meta_losses for rep in reports]),
         residual_norm=cat([rep.residual_norm for rep in reports]), timings=timings,
+        **{k: None if getattr(reports[0], k) is None else cat([getattr(rep, k) for rep in reports], 0)
+           for k in ("beta", "gamma", "planned_norm")},
     )
 
 

@@ -116,6 +116,8 @@ class EvalConfig:
     pre: bool = True  # evaluate all cases on the unedited model (pre/post table)
     final: bool = True  # evaluate all cases on the final model
     batch: bool = True  # after each batch, efficacy on that batch's cases (cheap; plotted vs edits)
+    association: bool = False  # per request: association β before the write and realized γ after it, in
+    #   edit_log.jsonl (docs/FORMULAS.md §10 Fig. 4; `launch/analyze.py --analysis=gamma --runs=...`)
     batch_size: int = 32  # scoring batch size
     fluency: bool = False  # CounterFact fluency (n-gram entropy of generations)
     fluency_cases: int = 0  # generations for the first N cases only (0 = all cases)

@@ -100,7 +100,8 @@ def edit_config(c: RunConfig | Any) -> EditConfig:
         except ValueError as e:
             raise ConfigError(f"config.{e}") from e
     try:
-        return EditConfig(layers=editor.edit_layers(rc.layers), stage1=rc.stage1, editor=editor, metake=metake)
+        return EditConfig(layers=editor.edit_layers(rc.layers), stage1=rc.stage1, editor=editor, metake=metake,
+                          measure=rc.eval.association)
     except ValueError as e:
         raise ConfigError(f"config.layers: {e}") from e
 

@@ -134,3 +134,37 @@ def apply_deltas(params: Any, layers: tuple[int, ...], deltas: Array) -> Any:
     if not bool(jnp.isfinite(w_out(out, tuple(layers))).all()):
         raise EditError(f"edited weights of layers {layers} would be non-finite: batch not written")
     return out
+
+
+# ============================================================================ association / realized γ (§5, §10)
+
+
+def association_beta(K: Array, stats: LayerStats, editor: Editor, slot: int = -1) -> np.ndarray:
+    """Association ``β_i`` of each request at edited-layer slot ``slot`` (docs/FORMULAS.md §5, §10).
+
+    AlphaEdit: ``β_i = k_iᵀ P A⁻¹ k_i`` with ``A = C_p P + λ I`` (the slot's P, C_p, λ = ``l2``);
+    MEMIT: ``β_i = k_iᵀ (λ_C C_0)⁻¹ k_i`` (plus C_p inside the inverse when ``use_cache``).
+    Computed in float64 through ``editor.association`` (which gives ``α = β/(1+β)``) and inverted,
+    ``β = α/(1−α)``; float64 keeps that inversion accurate.  Raises NotImplementedError for an editor
+    without an association statistic.
+
+    K: (d_key, n_req) keys at the slot's layer (columns = requests), before the write.
+    Returns a float64 numpy array (n_req,), dimensionless.  Raises ValueError on shape mismatch
+    (from the editors' checks).
+    """
+    with jax.enable_x64(True):
+        Kd = jnp.asarray(K, jnp.float64)
+        a = np.asarray(editor.association(Kd, slot, stats), np.float64)
+    with np.errstate(divide="ignore"):
+        return a / (1.0 - a)
+
+
+@jax.jit
+def realized_gamma(R_planned: Array, R_realized: Array, eps: float = 1e-8) -> Array:
+    """``γ_i = ⟨r̂_i, r_i⟩ / (‖r_i‖² + ε)`` per request (docs/FORMULAS.md §5 C.6, §10).
+
+    R_planned: (d_model, n_req) planned residuals ``r_i = z_i − h_L,i``;
+    R_realized: (d_model, n_req) realized ``r̂_i = h_L,i^post − h_L,i``.  Returns (n_req,) float32.
+    """
+    num = jnp.sum(R_realized * R_planned, axis=0)
+    return num / (jnp.sum(jnp.square(R_planned), axis=0) + eps)

@@ -109,8 +109,10 @@ def test_realized_gamma_equals_attenuation_single_request(method):
     prompt only (so the written key is the key at h_L's token): h_L^post − h_L = Δk = α r exactly,
     hence γ = α = β/(1+β) (docs/FORMULAS.md §5).  Oracle for the β / γ plumbing of measure_write."""
     from metake_jax.batch import EditBatch, prepare_batch
-    from metake_jax.editor import EditConfig, EditState
+    from metake_jax.editor import EditConfig, EditState, edit_batch
+    from metake_jax.keys import keys_and_hidden
     from metake_jax.requests import EditRequest
+    from metake_jax.targets import StageIConfig
     from metake_jax.runner import load_model_spec
     from metake_jax import editors
     from metake_jax.editors import LayerStats
@@ -121,7 +123,7 @@ def test_realized_gamma_equals_attenuation_single_request(method):
     req = EditRequest(0, "France", "The capital of {} is", "Berlin")
     host, n = prepare_batch(tok, [req], [["{}"]])
     batch = EditBatch(*[jnp.asarray(x) for x in host])
-    K, H = analysis._keys_and_hidden(cfg, params, batch, (L,))
+    K, H = keys_and_hidden(cfg, params, batch, (L,))
     k = np.asarray(K[0][:, 0], np.float64)
     scale = float(k @ k)  # regularizers in units of ‖k‖², so that β = O(1)
     Q, _ = np.linalg.qr(rng.normal(size=(dk, dk)))
@@ -146,6 +148,58 @@ def test_realized_gamma_equals_attenuation_single_request(method):
     np.testing.assert_allclose(beta, ref, rtol=1e-6)
     np.testing.assert_allclose(m.gamma[0], beta / (1 + beta), rtol=2e-4, atol=2e-5)
     assert m.state.n_edits == 1
+    # the runner's path (edit_batch with EditConfig.measure, eval.association): Stage I targets, the same identity
+    mcfg = EditConfig(layers=(L,), editor=ecfg.editor, stage1=StageIConfig(steps=3, lr=0.5), measure=True)
+    new_state, rep = edit_batch(cfg, state, tok, [req], [["{}"]], mcfg)
+    assert rep.beta.shape == rep.gamma.shape == rep.planned_norm.shape == (1,)
+    np.testing.assert_allclose(rep.beta[0], ref, rtol=1e-6)
+    np.testing.assert_allclose(rep.gamma[0], ref / (1 + ref), rtol=2e-4, atol=2e-5)
+    assert rep.planned_norm[0] > 0 and new_state.n_edits == 1
+    assert {"beta", "gamma", "planned_norm"} <= set(rep.summary())
+
+
+def test_analyze_gamma_from_runs(tmp_path):
+    """``launch/analyze.py --analysis=gamma --runs=...`` pools the β, γ that runs logged (edit_log.jsonl) per
+    method and bins them: pooled arrays and bin means against numpy; a run without β is a one-line error."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    pooled: dict[str, list[np.ndarray]] = {"memit": [], "metake": []}
+    dirs = []
+    for name, method in (("m0", "memit"), ("k0", "metake"), ("k1", "metake")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"method": method, "kind": "counterfact"}))
+        lines = []
+        for b in range(2):
+            beta = rng.lognormal(size=5)
+            gamma = beta / (1 + beta) + 0.01 * rng.normal(size=5)
+            pooled[method].append(np.stack([beta, gamma]))
+            lines.append(json.dumps({"batch": b + 1, "case_ids": list(range(5 * b, 5 * b + 5)), "beta": beta.tolist(),
+                                     "gamma": gamma.tolist(), "planned_norm": np.ones(5).tolist()}))
+        (d / "edit_log.jsonl").write_text("\n".join(lines) + "\n")
+        dirs.append(str(d))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "launch" / "analyze.py"), "--analysis=gamma", "--bins=4", f"--out={out}",
+           "--runs=" + ",".join(dirs)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    g = json.loads((out / "gamma.json").read_text())
+    assert list(g["methods"]) == ["memit", "metake"]
+    for method, parts in pooled.items():
+        beta, gamma = np.concatenate(parts, axis=1)
+        got = g["methods"][method]
+        np.testing.assert_allclose(got["beta"], beta)
+        np.testing.assert_allclose(got["gamma"], gamma)
+        order = np.argsort(beta, kind="stable")  # numpy reference of 4 equal-count bins
+        ref = [gamma[idx].mean() for idx in np.array_split(order, 4)]
+        np.testing.assert_allclose(got["bins"]["y_mean"], ref)
+    assert (out / "gamma.png").stat().st_size > 0 and "metake" in (out / "gamma.md").read_text()
+    (tmp_path / "m0" / "edit_log.jsonl").write_text(json.dumps({"batch": 1, "case_ids": [0]}) + "\n")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "eval.association=True" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
 # ----------------------------------------------------------------------------- compare.py (§11)

@@ -49,9 +49,14 @@ def _capture(into: dict):
 
 def test_resume_matches_uninterrupted_run(tmp_path, stats_dir, monkeypatch):
     full: dict = {}
-    ref = runner.run(_tiny(tmp_path, "full", stats_dir), hooks=_capture(full))
+    cfull = _tiny(tmp_path, "full", stats_dir)
+    cfull.eval.association = True  # β, γ per request in the log; must not change any weight (checked below)
+    ref = runner.run(cfull, hooks=_capture(full))
     ids = [cid for b in ref["batches"] for cid in b["case_ids"]]
     assert len(ids) == 8 and sorted(set(ids)) == sorted(ids)
+    for b in ref["batches"]:
+        assert len(b["beta"]) == len(b["gamma"]) == len(b["case_ids"]) == 2
+        assert all(x > 0 for x in b["beta"]) and all(np.isfinite(b["gamma"]))
 
     # run B: stopped by an exception right after the checkpoint of batch 2 of 4
     part: dict = {}
