@@ -195,7 +195,7 @@ def select_rows(batch: EditBatch, keep: Sequence[int]) -> EditBatch:
     if bare not in keep or any(not 0 <= k < per for k in keep):
         raise ValueError(f"select_rows: keep={keep} must lie in [0, {per}) and include the bare row {bare}")
     idx = np.asarray([i * per + k for i in range(n_pad) for k in keep], dtype=np.int32)
-    T = bucket(int(b.mask[idx].sum(axis=1).max()))
+    T = bucket(int(b.mask[idx].sum(axis=1).max()), minimum=1, multiple=4)  # as Stage I's row groups
     b = b._replace(tokens=b.tokens[:, :T], mask=b.mask[:, :T])
     nll = b.nll_avg[:, idx]
     nll = nll / np.maximum(nll.sum(axis=1, keepdims=True), 1e-30)

@@ -19,7 +19,7 @@ from metake_jax.batch import EditBatch, prepare_batch, rows_per_request, select_
 from metake_jax.editors import Editor, LayerStats, NotGatedError
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
-from metake_jax.metake import MetaKEConfig, refine_targets
+from metake_jax.metake import LookRows, MetaKEConfig, group_look_rows, refine_targets
 from metake_jax.sharding import mesh_of, shard_rows, to_host
 from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
@@ -109,18 +109,23 @@ def _timed(timings: dict[str, float], key: str, fn, *args, **kw):
     return out
 
 
-def look_rows(batch: EditBatch, mcfg: MetaKEConfig) -> EditBatch | None:
-    """Rows scoring the virtual model: None (all) or the bare + KL rows of each request."""
+def look_rows(batch: EditBatch, mcfg: MetaKEConfig) -> LookRows:
+    """Rows scoring the virtual model — every row (``prompts="all"``) or the bare + KL rows of each
+    request (``"bare"``) — in length-sorted groups each cut to its own width (``metake.group_look_rows``:
+    the KL rows are short; no number changes)."""
     if mcfg.prompts == "all":
-        return None
+        return group_look_rows(batch, LOOK_GROUPS_ALL)
     per = rows_per_request(batch)
     keep = (int(np.asarray(batch.bare_row)[0]), per - 1)  # the KL row is last in each block
-    return EditBatch(*[jnp.asarray(x) for x in select_rows(batch, keep)])
+    return group_look_rows(select_rows(batch, keep), LOOK_GROUPS_BARE)
+
+
+LOOK_GROUPS_ALL, LOOK_GROUPS_BARE = 4, 2  # look-row groups: as Stage I's default row groups; bare / KL rows
 
 
 def compute_targets(
     cfg: ModelConfig, state: EditState, batch: EditBatch, ecfg: EditConfig, timings: dict[str, float],
-    look_batch: EditBatch | None = None,
+    look_batch: EditBatch | LookRows | None = None,
 ) -> tuple[Array, Any, Any]:
     """Stage I and (if configured) the MetaKE refinement. Returns (Z, stage1 result, refine result)."""
     L = ecfg.layers[-1]

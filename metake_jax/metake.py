@@ -40,11 +40,12 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metake_jax.batch import EditBatch
 from metake_jax.editors import Editor, LayerStats
 from metake_jax.editors.linalg import keyonly_gate, mm
-from metake_jax.targets import edit_and_loc_losses, lower_hidden, rows_of, upper_logits
+from metake_jax.targets import group_rows, lower_hidden, row_groups, row_terms, upper_logits
 from metake_jax.write import editor_keys
 from models.config import ModelConfig
 from models.interface import WDeltas, w_out
@@ -94,13 +95,56 @@ class MetaKEConfig:
                              f"{self.anchor_weight}")
 
 
+class LookRows(NamedTuple):
+    """The rows that score the virtual model, in length-sorted groups, each cut to its own width.
+
+    The look-ahead runs every row at all positions (Δ_L changes layer L's output everywhere), so the
+    padding of short rows (KL prompts) to the longest one (rewriting prompts) is pure cost; grouping
+    changes no number (each row's terms are mapped back to its request exactly as ungrouped).
+
+    groups:  per group j an ``EditBatch`` with the per-row fields only (tokens, mask (G_j, W_j), lookup,
+             tgt_pos, tgt_ids, tgt_mask); the other fields None.
+    nll_avg, kl_sel: (n_pad, R) request weights with columns in the groups' row order.
+    rows:    (R,) index of each grouped row in the ungrouped batch (row r belongs to request r // per).
+    valid:   (n_pad,) 1.0 for real requests.
+    """
+
+    groups: tuple[EditBatch, ...]
+    nll_avg: Any
+    kl_sel: Any
+    rows: Any
+    valid: Any
+
+
+def group_look_rows(batch: EditBatch, n_groups: int) -> LookRows:
+    """Host side: ``batch`` (numpy or jax) split into ``n_groups`` length-sorted groups (``targets.row_groups``,
+    widths bucketed to multiples of 4) as a ``LookRows`` of jax arrays."""
+    host = EditBatch(*[None if x is None else np.asarray(x) for x in batch])
+    order, widths = row_groups(host, n_groups)
+    groups = tuple(EditBatch(*[None if x is None else jnp.asarray(x) for x in g])
+                   for _, g in group_rows(host, order, widths))
+    return LookRows(groups=groups, nll_avg=jnp.asarray(host.nll_avg[:, order]),
+                    kl_sel=jnp.asarray(host.kl_sel[:, order]), rows=jnp.asarray(order), valid=jnp.asarray(host.valid))
+
+
+def as_look_rows(batch: EditBatch | LookRows) -> LookRows:
+    """``batch`` as ``LookRows``: unchanged if it is one, else one group of every row in its order."""
+    if isinstance(batch, LookRows):
+        return batch
+    rows = EditBatch(tokens=batch.tokens, mask=batch.mask, lookup=batch.lookup, tgt_pos=batch.tgt_pos,
+                     tgt_ids=batch.tgt_ids, tgt_mask=batch.tgt_mask, key_avg=None, nll_avg=None, kl_sel=None,
+                     bare_row=None, valid=None)
+    return LookRows(groups=(rows,), nll_avg=batch.nll_avg, kl_sel=batch.kl_sel,
+                    rows=jnp.arange(batch.tokens.shape[0]), valid=batch.valid)
+
+
 class LookaheadContext(NamedTuple):
     """Everything the virtual look-ahead needs, frozen for the batch."""
 
     B: Array  # (n_pad, d_k) the gate of layer L: Δ_L = R·B
     H_L: Array  # (d, n_pad) block-L output at the subject's last token (bare prompt)
-    h_in: Array  # (R, T, d) hidden states entering L
-    logp_init: Array  # (R, V) pre-edit log-probs at each row's subject-last token
+    h_in: tuple[Array, ...]  # per look-row group j: (G_j, W_j, d) hidden states entering L
+    logp_init: tuple[Array, ...]  # per group: (G_j, V) pre-edit log-probs at each row's subject-last token
 
 
 def frozen_gate(K_L: Array, stats: LayerStats, editor: Editor, mcfg: MetaKEConfig,
@@ -129,19 +173,17 @@ def lookahead_increment(ctx: LookaheadContext, Z: Array, valid: Array) -> Array:
 
 def prepare_lookahead(
     cfg: ModelConfig, params: Any, batch: EditBatch, layers: tuple[int, ...], stats: LayerStats,
-    editor: Editor, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
+    editor: Editor, mcfg: MetaKEConfig, look_batch: EditBatch | LookRows | None = None,
 ) -> LookaheadContext:
     """Gate and keys from the full ``batch``; cached hidden states for the rows that score the
-    virtual model (``look_batch``, default the full batch)."""
+    virtual model (``look_batch``: an ``EditBatch`` or grouped ``LookRows``; default the full batch)."""
     L = layers[-1]
-    lb = batch if look_batch is None else look_batch
+    lr = as_look_rows(batch if look_batch is None else look_batch)
     K, H, Kb = editor_keys(cfg, params, batch, layers, editor)
-    h_in = lower_hidden(cfg, params, lb, L)
-    _, logits_k0 = upper_logits(cfg, params, lb, h_in, L)
+    h_in = tuple(lower_hidden(cfg, params, g, L) for g in lr.groups)
+    logp = tuple(jax.nn.log_softmax(upper_logits(cfg, params, g, h, L)[1], axis=-1) for g, h in zip(lr.groups, h_in))
     B = frozen_gate(K[-1], stats, editor, mcfg, None if Kb is None else Kb[-1], w_out(params, (L,))[0])
-    return LookaheadContext(
-        B=B.astype(H.dtype), H_L=H, h_in=h_in, logp_init=jax.nn.log_softmax(logits_k0, axis=-1),
-    )
+    return LookaheadContext(B=B.astype(H.dtype), H_L=H, h_in=h_in, logp_init=logp)
 
 
 def anchor_scale(Z0: Array, H_L: Array, valid: Array, mcfg: MetaKEConfig) -> Array:
@@ -160,20 +202,31 @@ def anchor_term(Z: Array, Z0: Array, scale: Array) -> Array:
 
 
 def virtual_losses(
-    cfg: ModelConfig, params: Any, batch: EditBatch, L: int, ctx: LookaheadContext, Z: Array,
+    cfg: ModelConfig, params: Any, batch: EditBatch | LookRows, L: int, ctx: LookaheadContext, Z: Array,
     mcfg: MetaKEConfig,
 ) -> tuple[Array, Array]:
-    """Per-request (ℓ_edit, ℓ_loc) (n_pad,) on the virtual model W_L + Δ_L(Z)."""
-    inc = lookahead_increment(ctx, Z, batch.valid)
-    delta_rows = None
+    """Per-request (ℓ_edit, ℓ_loc) (n_pad,) on the virtual model W_L + Δ_L(Z) (``batch``: the look rows,
+    as given to ``prepare_lookahead``): NLL of the new target averaged over the scored rewriting rows,
+    KL(P_cur ‖ P_init) on the KL row (docs/FORMULAS.md §3, §6)."""
+    lr = as_look_rows(batch)
+    inc = lookahead_increment(ctx, Z, lr.valid)
+    request_delta = None
     if mcfg.feedback != "gated":
         inc = jax.lax.stop_gradient(inc)
     if mcfg.feedback == "ungated":
-        delta_rows = rows_of(batch, (Z - jax.lax.stop_gradient(Z)).T)
-    logits_t, logits_k = upper_logits(
-        cfg, params, batch, ctx.h_in, L, delta_rows=delta_rows, w_out=WDeltas((L,), inc[None]),
-    )
-    return edit_and_loc_losses(logits_t, logits_k, batch, ctx.logp_init)
+        request_delta = (Z - jax.lax.stop_gradient(Z)).T  # (n_pad, d)
+    per = lr.nll_avg.shape[1] // lr.valid.shape[0]
+    row_nll, kl_rows, start = [], [], 0
+    for g, h_in, lp0 in zip(lr.groups, ctx.h_in, ctx.logp_init):
+        size = g.tokens.shape[0]
+        delta_rows = None if request_delta is None else request_delta[lr.rows[start:start + size] // per]
+        start += size
+        logits_t, logits_k = upper_logits(cfg, params, g, h_in, L, delta_rows=delta_rows,
+                                          w_out=WDeltas((L,), inc[None]))
+        a, b = row_terms(logits_t, logits_k, g, lp0)
+        row_nll.append(a)
+        kl_rows.append(b)
+    return lr.nll_avg @ jnp.concatenate(row_nll), lr.kl_sel @ jnp.concatenate(kl_rows)
 
 
 def meta_loss(
@@ -272,12 +325,12 @@ def outer_steps(loss_and_grad, Z0: Array, scale: Array, valid: Array, mcfg: Meta
 @partial(jax.jit, static_argnames=("cfg", "layers", "editor", "mcfg"))
 def refine_targets(
     cfg: ModelConfig, params: Any, batch: EditBatch, Z0: Array, layers: tuple[int, ...],
-    stats: LayerStats, editor: Editor, mcfg: MetaKEConfig, look_batch: EditBatch | None = None,
+    stats: LayerStats, editor: Editor, mcfg: MetaKEConfig, look_batch: EditBatch | LookRows | None = None,
 ) -> RefineResult:
     """T outer steps on ℓ_meta with the frozen gate (Algorithm 1, docs/FORMULAS.md §6), one jitted scan.
 
     Z0 (d_model, n_pad) are the Stage I targets; ``look_batch``: the rows scoring the virtual model
-    (``select_rows`` of ``batch``), default all.
+    (``select_rows`` of ``batch``, optionally grouped by ``group_look_rows``), default all.
     """
     chex.assert_shape(Z0, (cfg.d_model, batch.valid.shape[0]))
     L = layers[-1]

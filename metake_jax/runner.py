@@ -52,8 +52,8 @@ from metake_jax.run_config import RunConfig
 from metake_jax.tokens import ChatFormat, chat_format
 from models.config import ModelConfig
 from metake_jax.sharding import (
-    barrier, describe_layout, init_distributed, is_writer, leaf_placer, mesh_size, replicate, run_mesh, shard_params,
-    shard_stats, to_host,
+    barrier, describe_layout, enable_compile_cache, init_distributed, is_writer, leaf_placer, mesh_size, replicate,
+    run_mesh, shard_params, shard_stats, to_host,
 )
 from models.interface import w_out, with_w_out
 
@@ -878,6 +878,7 @@ def run(config: RunConfig | Any, *, hooks: RunHooks | None = None) -> dict[str, 
     t_start = time.perf_counter()
     c = RunConfig.of(config)
     _init_distributed(c)
+    enable_compile_cache(c.compile_cache)
     s = setup(c)
     state, ranks = statistics(s)
     s.run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked

@@ -151,6 +151,19 @@ def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: 
     return True
 
 
+def enable_compile_cache(path: str) -> None:
+    """JAX's persistent compilation cache in ``path`` (``~`` expanded; "" leaves JAX's setting as it is).
+
+    JAX keys each entry by the program, the compiler options and the devices, so an entry is reused only
+    for the same computation; programs that compile in under a second are not stored (JAX's default).
+    Raises nothing: an unwritable directory only costs the cache (JAX warns)."""
+    if not path:
+        return
+    import os
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
 def is_writer() -> bool:
     """Whether this process writes run files (JSON, markdown, plots): process 0 only."""
     return jax.process_index() == 0

@@ -193,7 +193,7 @@ def group_sizes(n_rows: int, n_groups: int) -> list[int]:
     return [len(a) for a in np.array_split(np.arange(n_rows), n_groups)]
 
 
-def _group_rows(batch: EditBatch, order: Array, widths: tuple) -> list[tuple[Array, EditBatch]]:
+def group_rows(batch: EditBatch, order: Array, widths: tuple) -> list[tuple[Array, EditBatch]]:
     """(row indices, per-row sub-batch cut to its width) for each group; per-request fields None."""
     sizes = group_sizes(batch.tokens.shape[0], len(widths))
     out, start = [], 0
@@ -261,7 +261,7 @@ def _stage1_loop(
     or at most ``min_active`` are.  Returns (state, h0 (n_pad, d))."""
     n_pad = batch.valid.shape[0]
     per = batch.tokens.shape[0] // n_pad
-    groups = _group_rows(batch, order, widths)
+    groups = group_rows(batch, order, widths)
     req_of = [idx // per for idx, _ in groups]
     nll_avg = batch.nll_avg[:, order]
     kl_sel = batch.kl_sel[:, order]

@@ -299,3 +299,34 @@ def test_cp_update_and_nonfinite_cache_keeps_state(setup):
         edit_batch(cfg, state, tok, REQS, TEMPLATES, memit)
     np.testing.assert_array_equal(np.asarray(state.params["layers"]["mlp"]["fc_out"]["kernel"]), kern)
     assert state.n_edits == 0
+
+
+@pytest.mark.parametrize("prompts,feedback", [("all", "gated"), ("bare", "gated"), ("all", "ungated")])
+def test_grouped_look_rows_change_no_number(setup, prompts, feedback):
+    """The look rows in length-sorted groups, each cut to its own width (``group_look_rows``, what the
+    runner uses), give the refined Z, the ℓ_meta curve and the accepted steps of the ungrouped rows."""
+    from metake_jax.batch import rows_per_request, select_rows
+    from metake_jax.editor import look_rows
+    from metake_jax.metake import LookRows
+
+    tok, cfg, params, b, Z0 = setup
+    st = _stats(cfg.d_ff, 2)
+    # ungated: plain steps (the Armijo accept/reject is a discrete decision; KL terms of ~1e-4 carry ~1e-7
+    # float32 noise that can flip it on this tiny model, grouped or not)
+    mc = MetaKEConfig(steps=4, lr=0.05, prompts=prompts, feedback=feedback,
+                      line_search="batch" if feedback == "gated" else "none")
+    hb = EditBatch(*[np.asarray(x) for x in b])
+    per = rows_per_request(hb)
+    plain_rows = None if prompts == "all" else EditBatch(*map(jnp.asarray, select_rows(hb, (int(hb.bare_row[0]), per - 1))))
+    grouped = look_rows(hb, mc)
+    assert isinstance(grouped, LookRows) and len(grouped.groups) > 1
+    widths = [g.tokens.shape[1] for g in grouped.groups]
+    full_width = (b if plain_rows is None else plain_rows).tokens.shape[1]
+    if prompts == "all":
+        assert min(widths) < full_width  # some group is actually cut shorter (template rows vs bare rows)
+    ref = refine_targets(cfg, params, b, Z0, LAYERS, st, ECFG, mc, plain_rows)
+    got = refine_targets(cfg, params, b, Z0, LAYERS, st, ECFG, mc, grouped)
+    assert _rel(got.Z, Z0) > 1e-4  # the refinement moved Z
+    np.testing.assert_allclose(np.asarray(got.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref.Z).max()))
+    np.testing.assert_allclose(np.asarray(got.losses), np.asarray(ref.losses), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(got.trials), np.asarray(ref.trials))
