@@ -267,9 +267,21 @@ def get_templates(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: 
 def stats_cache_dir(c: RunConfig | Any) -> Path:
     """``stats.cache_dir``, or ``$METAKE_CACHE/stats`` (default ``~/.cache/metake-jax/stats``)."""
     d = RunConfig.of(c).stats.cache_dir
-    if d:
-        return Path(str(d)).expanduser()
-    return Path(os.environ.get("METAKE_CACHE") or "~/.cache/metake-jax").expanduser() / "stats"
+    return Path(str(d)).expanduser() if d else cache_root() / "stats"
+
+
+def cache_root() -> Path:
+    """``$METAKE_CACHE`` (default ``~/.cache/metake-jax``): the root of the caches outside the repo (WORKSPACE.md)."""
+    return Path(os.environ.get("METAKE_CACHE") or "~/.cache/metake-jax").expanduser()
+
+
+def compile_cache_dir(c: RunConfig | Any) -> str:
+    """``compile_cache``: a directory, ``$METAKE_CACHE/xla`` for "" (default ``~/.cache/metake-jax/xla``), or ""
+    (no persistent compilation cache) for "off"."""
+    v = RunConfig.of(c).compile_cache
+    if v == "off":
+        return ""
+    return str(Path(v).expanduser() if v else cache_root() / "xla")
 
 
 def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str,
@@ -878,7 +890,7 @@ def run(config: RunConfig | Any, *, hooks: RunHooks | None = None) -> dict[str, 
     t_start = time.perf_counter()
     c = RunConfig.of(config)
     _init_distributed(c)
-    enable_compile_cache(c.compile_cache)
+    enable_compile_cache(compile_cache_dir(c))
     s = setup(c)
     state, ranks = statistics(s)
     s.run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked

@@ -161,7 +161,12 @@ def enable_compile_cache(path: str) -> None:
         return
     import os
 
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    path = os.path.expanduser(path)
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        cc.reset_cache()  # JAX opens its cache once per process; reopen it at the new directory
 
 
 def is_writer() -> bool:

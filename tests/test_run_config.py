@@ -129,3 +129,28 @@ def test_method_ablations_fix_metake_fields():
         got = edit_config(dataclasses.replace(rc, method=method)).metake
         assert got == dataclasses.replace(rc.metake, **fixed)
         assert {f: getattr(got, f) for f in fixed} == fixed
+
+
+def test_compile_cache_dir_and_persistent_cache(tmp_path, monkeypatch):
+    """``compile_cache``: "" = $METAKE_CACHE/xla, "off" = none, else the directory; enabling it makes JAX
+    store a program that takes ≥ the threshold to compile (threshold lowered to 0 here) and read it back."""
+    import jax
+    import jax.numpy as jnp
+
+    from metake_jax.runner import compile_cache_dir
+    from metake_jax.sharding import enable_compile_cache
+
+    monkeypatch.setenv("METAKE_CACHE", str(tmp_path / "root"))
+    assert compile_cache_dir(RunConfig()) == str(tmp_path / "root" / "xla")
+    assert compile_cache_dir(RunConfig(compile_cache="off")) == ""
+    assert compile_cache_dir(RunConfig(compile_cache=str(tmp_path / "x"))) == str(tmp_path / "x")
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        enable_compile_cache(str(tmp_path / "x"))
+        f = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.arange(7.0))
+        assert float(f(jnp.ones(7))[6]) == pytest.approx(float(jnp.sin(1.0) * 3 + 6))
+        assert any((tmp_path / "x").iterdir())  # the compiled program is on disk
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
