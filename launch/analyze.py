@@ -10,7 +10,7 @@
   multi-layer write the realized γ_i = ⟨r̂_i, r_i⟩/(‖r_i‖² + ε) of the targets actually written;
   ``--bins`` quantile bins of β, mean γ ± standard error, per-request points, α = β/(1+β).
   With ``--runs=<dir>,...`` it reads the β, γ that finished ``launch/edit.py --config.eval.association=True``
-  runs logged (pooled per method, e.g. over seeds) and runs no stream::
+  runs logged (from their results.json; pooled per method, e.g. over seeds) and runs no stream::
 
       python launch/analyze.py --analysis=gamma --runs=runs/cf200_memit_s0,runs/cf200_alphaedit_s0,runs/cf200_metake_s0
 * ``kl``     (Fig. 5): Stage I λ_KL over ``--kl_grid`` for ``--kl_method``; Efficacy on the final
@@ -53,7 +53,7 @@ _BS = flags.DEFINE_integer("batch_size", None, "Requests per sequential batch (d
 _METHODS = flags.DEFINE_list("methods", ["memit", "alphaedit", "metake"], "Methods for gamma / shift.")
 _BINS = flags.DEFINE_integer("bins", 13, "Quantile bins of β (paper: 13).")
 _RUNS = flags.DEFINE_list("runs", None, "gamma only: run directories of `launch/edit.py --config.eval.association=True` "
-                          "(results.json + edit_log.jsonl); β, γ are read from them (pooled per method over the "
+                          "(results.json, per-batch entries); β, γ are read from them (pooled per method over the "
                           "runs, e.g. seeds) instead of running streams; no --config needed.")
 _KL_GRID = flags.DEFINE_list("kl_grid", None, "Stage I λ_KL values (default: config λ_KL × 1/4, 1/2, 1, 2, 4).")
 _KL_METHOD = flags.DEFINE_string("kl_method", None, "Method of the KL sweep (default: config.method).")
@@ -156,19 +156,18 @@ class RunsContext:
         self.out, self.streams, self.kinds, self.runs = out, {}, set(), {}
         pooled: dict[str, dict[str, list]] = {}
         for d in dirs:
-            res_path, log_path = Path(d) / "results.json", Path(d) / "edit_log.jsonl"
-            if not res_path.is_file() or not log_path.is_file():
-                fail(f"--runs: {d} has no results.json / edit_log.jsonl (a finished launch/edit.py run)")
+            res_path = Path(d) / "results.json"
+            if not res_path.is_file():
+                fail(f"--runs: {d} has no results.json (a finished launch/edit.py run)")
             res = json.loads(res_path.read_text())
             m = str(res["method"])
             self.kinds.add(str(res.get("kind")))
             p = pooled.setdefault(m, {"case_ids": [], "beta": [], "gamma": [], "planned_norm": []})
             self.runs.setdefault(m, []).append(d)
-            for i, line in enumerate(log_path.read_text().splitlines()):
-                e = json.loads(line)
+            for e in res.get("batches", []):
                 if "beta" not in e or "gamma" not in e:
-                    fail(f"--runs: {log_path} line {i + 1} (batch {e.get('batch')}) has no beta/gamma: "
-                                     "rerun with --config.eval.association=True")
+                    fail(f"--runs: {res_path} batch {e.get('batch')} has no beta/gamma: "
+                         "rerun with --config.eval.association=True")
                 p["case_ids"] += [f"{d}:{c}" for c in e["case_ids"]]
                 for k in ("beta", "gamma", "planned_norm"):
                     p[k] += e[k]

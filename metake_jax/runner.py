@@ -867,8 +867,8 @@ def outputs(s: RunSetup, st: Stream, base: BaseEval, post: dict[str, Any] | None
         return results
     with open(s.run_dir / "edit_log.jsonl", "w") as f:
         for e in st.batch_log:
-            f.write(json.dumps({"batch": e["batch"], "case_ids": e["case_ids"], "n_edits": e["n_edits"]},
-                               default=_json_default) + "\n")
+            line = {k: e[k] for k in ("batch", "case_ids", "n_edits", "beta", "gamma", "planned_norm") if k in e}
+            f.write(json.dumps(line, default=_json_default) + "\n")
     from metake_jax.report import write_plots, write_results_md
 
     write_results_md(s.run_dir / "results.md", results)

@@ -159,7 +159,7 @@ def test_realized_gamma_equals_attenuation_single_request(method):
 
 
 def test_analyze_gamma_from_runs(tmp_path):
-    """``launch/analyze.py --analysis=gamma --runs=...`` pools the β, γ that runs logged (edit_log.jsonl) per
+    """``launch/analyze.py --analysis=gamma --runs=...`` pools the β, γ that runs logged (results.json batches) per
     method and bins them: pooled arrays and bin means against numpy; a run without β is a one-line error."""
     import subprocess
     import sys
@@ -170,15 +170,14 @@ def test_analyze_gamma_from_runs(tmp_path):
     for name, method in (("m0", "memit"), ("k0", "metake"), ("k1", "metake")):
         d = tmp_path / name
         d.mkdir()
-        (d / "results.json").write_text(json.dumps({"method": method, "kind": "counterfact"}))
         lines = []
         for b in range(2):
             beta = rng.lognormal(size=5)
             gamma = beta / (1 + beta) + 0.01 * rng.normal(size=5)
             pooled[method].append(np.stack([beta, gamma]))
-            lines.append(json.dumps({"batch": b + 1, "case_ids": list(range(5 * b, 5 * b + 5)), "beta": beta.tolist(),
-                                     "gamma": gamma.tolist(), "planned_norm": np.ones(5).tolist()}))
-        (d / "edit_log.jsonl").write_text("\n".join(lines) + "\n")
+            lines.append({"batch": b + 1, "case_ids": list(range(5 * b, 5 * b + 5)), "beta": beta.tolist(),
+                          "gamma": gamma.tolist(), "planned_norm": np.ones(5).tolist()})
+        (d / "results.json").write_text(json.dumps({"method": method, "kind": "counterfact", "batches": lines}))
         dirs.append(str(d))
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "launch" / "analyze.py"), "--analysis=gamma", "--bins=4", f"--out={out}",
@@ -197,7 +196,7 @@ def test_analyze_gamma_from_runs(tmp_path):
         ref = [gamma[idx].mean() for idx in np.array_split(order, 4)]
         np.testing.assert_allclose(got["bins"]["y_mean"], ref)
     assert (out / "gamma.png").stat().st_size > 0 and "metake" in (out / "gamma.md").read_text()
-    (tmp_path / "m0" / "edit_log.jsonl").write_text(json.dumps({"batch": 1, "case_ids": [0]}) + "\n")
+    (tmp_path / "m0" / "results.json").write_text(json.dumps({"method": "memit", "batches": [{"batch": 1, "case_ids": [0]}]}))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "eval.association=True" in r.stderr and r.stderr.strip().count("\n") == 0
 

@@ -57,6 +57,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, stats_dir, monkeypatch):
     for b in ref["batches"]:
         assert len(b["beta"]) == len(b["gamma"]) == len(b["case_ids"]) == 2
         assert all(x > 0 for x in b["beta"]) and all(np.isfinite(b["gamma"]))
+    logged = [json.loads(x) for x in (tmp_path / "full" / "edit_log.jsonl").read_text().splitlines()]
+    assert [e["gamma"] for e in logged] == [b["gamma"] for b in ref["batches"]]
 
     # run B: stopped by an exception right after the checkpoint of batch 2 of 4
     part: dict = {}
