@@ -45,9 +45,16 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_USER_ERROR)
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl exits 1 after printing the usage a help flag asked for: that is a success
+        if e.code == 1 and any(a.split("=", 1)[0] in HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         fail(f"bad flag: {one_line(e)}")
     except (KeyError, AttributeError) as e:  # --config.<field> with no such field

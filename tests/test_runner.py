@@ -140,7 +140,7 @@ def test_launch_edit_config_overrides(tmp_path, stats_dir, monkeypatch):
 def test_help_lists_flags():
     out = subprocess.run([sys.executable, str(REPO / "launch" / "edit.py"), "--help"], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
-    assert out.returncode in (0, 1), out.stderr  # absl exits 1 after printing --help
+    assert out.returncode == 0, out.stderr  # asked-for help is a success (absl alone exits 1)
     assert "--config" in out.stdout and "--config.batch_size" in out.stdout
 
 
