@@ -20,7 +20,7 @@ from metake_jax.editors import Editor, LayerStats, NotGatedError
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
 from metake_jax.metake import LookRows, MetaKEConfig, group_look_rows, refine_targets
-from metake_jax.sharding import mesh_of, shard_rows, to_host
+from metake_jax.sharding import mesh_of, replicate, shard_rows, to_host
 from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
 from metake_jax.keys import keys_and_hidden
@@ -168,7 +168,7 @@ def _update_cache(cfg: ModelConfig, state: EditState, new_params: Any, batch: Ed
                   layers: tuple[int, ...], timings: dict[str, float]) -> EditState:
     """C_p += Σ K Kᵀ with the batch's keys on the edited model (docs/FORMULAS.md §4); the new state."""
     Cp, finite = _timed(timings, "cache", updated_key_cache, cfg, new_params, batch, layers, state.stats.Cp)
-    if not bool(finite):
+    if not bool(to_host(finite)):
         raise EditError("non-finite keys after the edit: batch not written")
     n = int(to_host(batch.valid).sum())
     return EditState(params=new_params, stats=state.stats._replace(Cp=Cp), n_edits=state.n_edits + n)
@@ -223,8 +223,11 @@ def edit_batch(
     t0 = time.perf_counter()
     host_batch, n = prepare_batch(tokenizer, requests, templates, n_pad=n_pad, chat=chat,
                                   max_positions=cfg.max_positions)
-    batch = shard_rows(EditBatch(*host_batch), mesh_of(state.params))  # rows over the mesh's "data" axis
+    mesh = mesh_of(state.params)
+    batch = shard_rows(EditBatch(*host_batch), mesh)  # rows over the mesh's "data" axis
     lb = look_rows(host_batch, ecfg.metake) if ecfg.metake is not None else None
+    if lb is not None and mesh is not None:  # global arrays: every process feeds the same jitted steps
+        lb = jax.tree.map(lambda x: replicate(x, mesh), lb)
     timings["prepare"] = time.perf_counter() - t0
     if ecfg.editor.per_layer_targets:
         new_state, s1, aux = edit_per_layer(cfg, state, batch, ecfg, timings)

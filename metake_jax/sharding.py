@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DATA_AXIS", "LOGICAL_RULES", "MESH_AXES", "MODEL_AXIS", "batch_sharding", "describe_layout", "make_mesh",
-    "barrier", "init_distributed", "is_writer", "leaf_logical_axes", "leaf_placer", "mesh_of", "mesh_size", "replicate", "pad_to_multiple", "param_logical_axes", "param_shardings", "put_global", "replicated", "to_host",
+    "any_process", "barrier", "init_distributed", "is_writer", "leaf_logical_axes", "leaf_placer", "mesh_of", "mesh_size", "replicate", "pad_to_multiple", "param_logical_axes", "param_shardings", "process_row_share", "put_global", "put_process_rows", "replicated", "to_host",
     "run_mesh", "shard_batch", "shard_params", "shard_rows", "shard_stats", "spec_for", "stats_sharding",
 ]
 
@@ -282,12 +282,63 @@ def shard_params(params: Any, mesh: Mesh | None, rules: Sequence[tuple[str, Any]
 
 
 def to_host(x: Any) -> np.ndarray:
-    """``x`` as one numpy array on this host, gathered from every process when it spans several."""
+    """``x`` as one numpy array on this host, gathered from every process when it spans several.
+
+    A replicated array is read from this process's first copy (``addressable_data(0)``, no
+    communication); a sharded one that spans processes is all-gathered
+    (``multihost_utils.process_allgather``), so every process must call this for it, in the same
+    order.  Anything else: ``np.asarray``."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` OR-ed over every process (itself in a single-process run): a decision every process
+    must take the same way (e.g. "some process lacks a cache, so all of them compute it") —
+    one all-gather of one byte."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))).any())
+
+
+def process_row_share(mesh: Mesh, axis_name: str = DATA_AXIS) -> tuple[int, int] | None:
+    """(this process's group, number of groups) when the rows split over ``axis_name`` give each
+    process one contiguous block: processes holding the same block form one group (replicas, e.g.
+    when the ``model`` axis spans processes) and the groups cut the rows into equal blocks, in
+    order.  None when the layout is not like that (then every process builds the whole batch and
+    ``put_global`` cuts it).  (0, 1) in a single-process run."""
+    if jax.process_count() == 1:
+        return 0, 1
+    n = mesh_size(mesh, axis_name)
+    idx = NamedSharding(mesh, PS(axis_name)).devices_indices_map((n,))
+    rows: dict[int, set[int]] = {}
+    for dev, (sl,) in idx.items():
+        rows.setdefault(dev.process_index, set()).update(range(*sl.indices(n)))
+    blocks = sorted({(min(r), max(r) + 1) for r in rows.values()})
+    size = blocks[0][1] - blocks[0][0]
+    ok = all(b - a == size and a == i * size for i, (a, b) in enumerate(blocks))
+    ok = ok and all(r == set(range(min(r), max(r) + 1)) for r in rows.values())
+    if not ok:
+        return None
+    mine = rows[jax.process_index()]
+    return blocks.index((min(mine), max(mine) + 1)), len(blocks)
+
+
+def put_process_rows(local: np.ndarray, mesh: Mesh, n_rows: int, axis_name: str = DATA_AXIS) -> jax.Array:
+    """The global (n_rows, …) array split over ``axis_name`` of which this process holds the rows of
+    its group (``process_row_share``): ``jax.make_array_from_process_local_data``."""
+    local = np.asarray(local)
+    sh = batch_sharding(mesh, local.ndim, 0, axis_name)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sh)
+    return jax.make_array_from_process_local_data(sh, local, (n_rows,) + local.shape[1:])
 
 
 def put_global(x: Any, sharding: NamedSharding) -> jax.Array:

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from metake_jax.batch import EditBatch, take_requests
-from metake_jax.sharding import to_host
+from metake_jax.sharding import mesh_of, replicate, to_host
 from metake_jax.tokens import bucket, bucket_requests
 from models.config import ModelConfig
 from models.interface import (
@@ -177,7 +177,7 @@ def row_groups(
         widths = tuple(min(T, bucket(int(lens[g].max()), minimum=1, multiple=4))
                        for g in np.array_split(order, n_groups))
         return order, widths
-    lookup = np.asarray(batch.lookup)
+    lookup = to_host(batch.lookup)
     suffix = lens - lookup
     order = (np.argsort(suffix, kind="stable") if n_groups > 1 else np.arange(R)).astype(np.int32)
     out = []
@@ -365,14 +365,28 @@ def _smaller_bucket(n_pad: int) -> int:
     return below[0] if below else 0
 
 
-def _take_state(s: LoopState, sel: np.ndarray, valid: np.ndarray) -> LoopState:
+def _placed(x: Any, mesh: Any) -> Array:
+    """A host value as a device array: ``jnp.asarray`` without a mesh, else replicated on ``mesh``
+    (a global array, so that every process of a multi-process run feeds the same jitted step)."""
+    return jnp.asarray(x) if mesh is None else replicate(np.asarray(x), mesh)
+
+
+def _take_state(s: LoopState, sel: np.ndarray, valid: np.ndarray, mesh: Any = None) -> LoopState:
     """The loop state of requests ``sel`` (padding copies made inactive)."""
-    idx = jnp.asarray(sel)
+    idx = _placed(sel, mesh)
     n_old = s.delta.shape[0]
     rows = lambda x: x[idx] if x.ndim >= 1 and x.shape[0] == n_old else x  # noqa: E731
     return LoopState(it=s.it, delta=s.delta[idx], opt_state=jax.tree.map(rows, s.opt_state),
-                     active=s.active[idx] & jnp.asarray(valid > 0), taken=s.taken[idx],
+                     active=s.active[idx] & _placed(valid > 0, mesh), taken=s.taken[idx],
                      losses=s.losses[:, idx], nlls=s.nlls[:, idx])
+
+
+def _mesh(*trees: Any) -> Any:
+    for t in trees:
+        m = mesh_of(t)
+        if m is not None:
+            return m
+    return None
 
 
 def optimize_targets_compacted(
@@ -381,9 +395,12 @@ def optimize_targets_compacted(
     """Stage I with converged requests dropped between phases (module docstring, "Compaction").
 
     Each phase is one jitted loop; between phases the host reads the active flags (a few
-    transfers per batch) and gathers the active requests and their loop state.
+    transfers per batch) and gathers the active requests and their loop state.  On a mesh the
+    host reads are ``sharding.to_host`` (gathered from every process in a multi-process run) and
+    the sub-batches are placed replicated on it.
     """
-    host = EditBatch(*[np.asarray(x) for x in batch])
+    mesh = _mesh(batch, params)
+    host = EditBatch(*[to_host(x) for x in batch])
     n_pad = host.valid.shape[0]
     ids = np.arange(n_pad)  # original index of each request of the current sub-batch
     sub, state, h0_all = batch, None, None
@@ -396,29 +413,30 @@ def optimize_targets_compacted(
     while True:
         order, widths = row_groups(sub_host, hp.row_groups, hp.prefix_reuse)
         cur = sub_host.valid.shape[0]
-        state, h0 = stage1_phase(cfg, params, sub, jnp.asarray(order), L, hp, widths, state, _smaller_bucket(cur))
+        state, h0 = stage1_phase(cfg, params, sub, _placed(order, mesh), L, hp, widths, state,
+                                 _smaller_bucket(cur))
         if h0_all is None:
             h0_all = h0
-            delta_all = delta_all.astype(np.asarray(h0).dtype)
+            delta_all = delta_all.astype(np.dtype(h0.dtype))
             losses_all, nlls_all = losses_all.astype(delta_all.dtype), nlls_all.astype(delta_all.dtype)
         real = sub_host.valid > 0
-        delta_all[ids[real]] = np.asarray(state.delta)[real]
-        losses_all[:, ids[real]] = np.asarray(state.losses)[:, real]
-        nlls_all[:, ids[real]] = np.asarray(state.nlls)[:, real]
-        taken_all[ids[real]] = np.asarray(state.taken)[real]
-        active = np.asarray(state.active)
-        if int(state.it) >= hp.steps or not active.any():
+        delta_all[ids[real]] = to_host(state.delta)[real]
+        losses_all[:, ids[real]] = to_host(state.losses)[:, real]
+        nlls_all[:, ids[real]] = to_host(state.nlls)[:, real]
+        taken_all[ids[real]] = to_host(state.taken)[real]
+        active = to_host(state.active)
+        if int(to_host(state.it)) >= hp.steps or not active.any():
             break
         keep = np.nonzero(active)[0]
         m = bucket_requests(len(keep))
         sel = np.concatenate([keep, np.full(m - len(keep), keep[-1])])
         valid = (np.arange(m) < len(keep)).astype(np.float32)
         sub_host = take_requests(sub_host, sel, valid)
-        sub = EditBatch(*[jnp.asarray(x) for x in sub_host])
-        state = _take_state(state, sel, valid)
+        sub = EditBatch(*[_placed(x, mesh) for x in sub_host])
+        state = _take_state(state, sel, valid, mesh)
         ids = ids[sel]
-    s = LoopState(it=state.it, delta=jnp.asarray(delta_all), opt_state=None, active=None,
-                  taken=jnp.asarray(taken_all), losses=jnp.asarray(losses_all), nlls=jnp.asarray(nlls_all))
+    s = LoopState(it=state.it, delta=_placed(delta_all, mesh), opt_state=None, active=None,
+                  taken=_placed(taken_all, mesh), losses=_placed(losses_all, mesh), nlls=_placed(nlls_all, mesh))
     return _result(cfg, s, h0_all, batch.valid)
 
 
@@ -430,7 +448,7 @@ def optimize_targets(
     if hp.compact and batch.valid.shape[0] > 1:
         return optimize_targets_compacted(cfg, params, batch, L, hp)
     order, widths = row_groups(batch, hp.row_groups, hp.prefix_reuse)
-    return optimize_targets_grouped(cfg, params, batch, jnp.asarray(order), L, hp, widths)
+    return optimize_targets_grouped(cfg, params, batch, _placed(order, _mesh(batch, params)), L, hp, widths)
 
 
 # ----------------------------------------------------------------------------- PMET: attention + FFN targets
