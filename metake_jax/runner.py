@@ -52,8 +52,8 @@ from metake_jax.run_config import RunConfig
 from metake_jax.tokens import ChatFormat, chat_format
 from models.config import ModelConfig
 from metake_jax.sharding import (
-    barrier, describe_layout, enable_compile_cache, init_distributed, is_writer, leaf_placer, mesh_size, replicate,
-    run_mesh, shard_params, shard_stats, to_host,
+    any_process, barrier, describe_layout, enable_compile_cache, init_distributed, is_writer, leaf_placer, mesh_size,
+    replicate, run_mesh, shard_params, shard_stats, to_host,
 )
 from models.interface import w_out, with_w_out
 
@@ -241,11 +241,15 @@ def _templates(c: RunConfig, cfg: ModelConfig, params: Any, tokenizer: Any, run_
     key = {"model_id": model_id, "seed": c.templates.seed, "n_per_prompt": c.templates.n_per_prompt,
            "length": c.templates.length}
     cache = run_dir / "templates.json"
+    cached = None
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
-            return _validate_templates(stored["templates"], str(cache)), None
-        log.info("templates cache %s has another key; sampling again", cache)
+            cached = _validate_templates(stored["templates"], str(cache))
+        else:
+            log.info("templates cache %s has another key; sampling again", cache)
+    if not any_process(cached is None):  # sampling is collective: all processes sample if one must
+        return cached, None
     from metake_jax.templates import context_templates
 
     t = context_templates(cfg, params, tokenizer, seed=key["seed"], n_per_prompt=key["n_per_prompt"],
@@ -504,6 +508,11 @@ def _json_dump(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _digest(obj: Any) -> str:
+    """sha256 of ``obj`` as sorted JSON (log lines that show every process of a run got the same)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:16]
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -592,25 +601,19 @@ def _restore(c: RunConfig, ckdir: Path, fp: dict[str, Any], ids: list[Any]) -> R
 
 
 def _init_distributed(c: RunConfig) -> None:
-    """``config.distributed`` (or the JAX_* environment) → ``jax.distributed.initialize``; in a
-    multi-process run, the parts that still gather per-device results on one host are refused."""
+    """``config.distributed`` (or the JAX_* environment) → ``jax.distributed.initialize``.
+
+    In a multi-process run every process runs every stage — statistics (each process group feeds
+    its slice of the documents), evaluation, text generation (templates, a model-sampled corpus,
+    fluency) and the HF export — as the same jitted functions on the same global arrays; host
+    reads go through ``sharding.to_host``, so every process ends with the same numbers and texts;
+    process 0 alone writes the run files.  Raises ``ConfigError`` naming the field for an
+    incomplete ``distributed`` section."""
     d = c.distributed
     try:
         init_distributed(d.coordinator, d.num_processes, d.process_id, d.auto)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from e
-    if jax.process_count() == 1:
-        return
-    for field, on in (("eval.pre", c.eval.pre), ("eval.batch", c.eval.batch), ("eval.final", c.eval.final)):
-        if on:
-            raise ConfigError(f"config.{field}=True: evaluation is not supported in a multi-process run yet; set it "
-                              "False and evaluate the checkpointed model in one process")
-    if c.export_hf:
-        raise ConfigError("config.export_hf: HF export is not supported in a multi-process run yet; export from the "
-                          "checkpoint in one process")
-    if c.stats.kind == "model" or not c.templates.file:
-        raise ConfigError("config.stats.kind='model' / sampled templates: text generation is not supported in a "
-                          "multi-process run yet; use stats.kind=files|datasets and templates.file")
 
 
 def _run_mesh(c: RunConfig):
@@ -653,6 +656,7 @@ def setup(c: RunConfig) -> RunSetup:
     t = time.perf_counter()
     templates, write_templates = _templates(c, cfg, params, tok, run_dir, model_id)
     wall["templates"] = time.perf_counter() - t
+    log.info("context templates sha256 %s", _digest(templates))  # the same on every process of a run
     check_inputs(c, cfg, tok, cases, templates, chat)
     data_sha = cases_digest(cases)
     fp = {**_fingerprint(c), "data_sha256": data_sha}
@@ -708,18 +712,19 @@ def evaluate_base(s: RunSetup) -> BaseEval:
     if c.eval.pre:
         pre_key = _eval_cache_key(c, s.model_id, s.data_sha, s.templates, s.ids)
         cached = _cached(pre_path, pre_key)
-        if cached is not None:
+        if not any_process(cached is None):  # evaluation is collective: all processes run it if one must
             pre = cached["summary"]
         else:
             ev = evaluate_cases(c, s.kind, s.cfg, s.params, s.tokenizer, s.cases, pre_argmax=pre_argmax,
                                 fluency=c.eval.fluency, seed=c.seed, chat=s.chat)
             pre = ev["summary"]
+            log.info("pre-edit evaluation sha256 %s", _digest(ev))  # the same on every process of a run
             _json_dump(pre_path, {"key": pre_key, "case_ids": s.ids, **ev})
     glue_base = None
     if _glue_enabled(c):
         glue_key = _glue_cache_key(c, s.model_id)
         glue_base = _cached(glue_base_path, glue_key)
-        if glue_base is None:
+        if any_process(glue_base is None):
             glue_base_path.parent.mkdir(exist_ok=True)
             glue_base = {"key": glue_key, **_glue(c, s.cfg, s.params, s.tokenizer)}
             _json_dump(glue_base_path, glue_base)
@@ -833,6 +838,7 @@ def evaluate_final(s: RunSetup, st: Stream, base: BaseEval) -> tuple[dict[str, A
         ev = evaluate_cases(c, s.kind, s.cfg, final_params, s.tokenizer, s.cases, pre_argmax=base.pre_argmax,
                             fluency=c.eval.fluency, seed=c.seed, chat=s.chat)
         post = ev["summary"]
+        log.info("final evaluation sha256 %s", _digest(ev))  # the same on every process of a run
         _json_dump(s.run_dir / "eval_post.json", {"case_ids": s.ids, **ev})
     if base.glue_base is not None and (not glue_log or glue_log[-1]["batches"] != len(s.batches)):
         res = _glue(c, s.cfg, final_params, s.tokenizer)
@@ -850,7 +856,12 @@ def outputs(s: RunSetup, st: Stream, base: BaseEval, post: dict[str, Any] | None
         from models.convert import export_hf
 
         t = time.perf_counter()
-        out = export_hf(Path(c.export_hf).expanduser(), s.cfg, _evaluated(s, st.state), s.tokenizer)
+        host = jax.tree.map(to_host, _evaluated(s, st.state))  # every process takes part in the gathers
+        out = Path(c.export_hf).expanduser()
+        if is_writer():
+            out = export_hf(out, s.cfg, host, s.tokenizer)
+        del host
+        barrier("export-hf")
         s.wall["export_hf"] = time.perf_counter() - t
         log.info("edited model exported to %s", out)
     s.wall["total"] = time.perf_counter() - t_start

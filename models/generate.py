@@ -29,6 +29,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
 
 from models import layers as L
 from models.config import ModelConfig
@@ -38,7 +40,7 @@ from models.layers import Context, make_context
 Array = jax.Array
 Params = dict[str, Any]
 
-__all__ = ["Generation", "bucket_length", "generate", "generate_tokens", "sample_texts"]
+__all__ = ["Generation", "bucket_length", "generate", "generate_tokens", "host_array", "sample_texts"]
 
 class Generation(NamedTuple):
     """tokens: (B, T0 + max_new_tokens) prompt followed by the new tokens.
@@ -225,6 +227,45 @@ def _generate_jit(
     return jnp.concatenate([tokens, toks], 1), jnp.concatenate([ctx.mask, reals], 1)
 
 
+# ----------------------------------------------------------------------------- multi-process placement
+
+
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as a numpy array on this host.  A global array of a multi-process run is read from this
+    process's copy when replicated (``addressable_data(0)``) and all-gathered otherwise
+    (``multihost_utils.process_allgather``: every process must make the same call)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _placer(params: Params):
+    """Host inputs of the jitted decoder: ``jnp.asarray``, or — when ``params`` span several processes
+    — replicated global arrays on their mesh (every process passes the same values, so every process
+    runs the same program on the same data and obtains the same tokens)."""
+    mesh = None
+    for x in jax.tree.leaves(params):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and not x.is_fully_addressable:
+            mesh = sh.mesh
+            break
+    if mesh is None:
+        return jnp.asarray
+    rep = NamedSharding(mesh, PS())
+
+    def put(x: Any) -> Array:
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
+
+    return put
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -308,8 +349,10 @@ def generate(
         keys = _row_keys(rng, b)
         if bb > b:
             keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (bb - b,))])
+    place = _placer(params)
     out_tok, out_mask = _generate_jit(
-        cfg, params, jnp.asarray(tok_p), jnp.asarray(mask_p), keys, jnp.float32(temperature),
+        cfg, params, place(tok_p), place(mask_p), None if keys is None else place(keys),
+        place(np.float32(temperature)),
         max_new=nb, top_k=top_k, eos=None if eos_token_id is None else int(eos_token_id), pad=pad,
     )
     sl = (slice(0, b), slice(tb - t0, tb + max_new_tokens))
@@ -415,7 +458,7 @@ def sample_texts(
                 cfg, params, toks, mask, max_new_tokens=n_new, rng=keys if top_k is not None else None,
                 top_k=top_k, temperature=temperature, eos_token_id=eos_token_id,
             )
-            out_tok, out_mask = np.asarray(out.tokens[:, t0:]), np.asarray(out.mask[:, t0:])
+            out_tok, out_mask = host_array(out.tokens)[:, t0:], host_array(out.mask)[:, t0:]
             for r, n in enumerate(lens):
                 keep = max(0, max_out_len - int(n))
                 new_tokens[r] = out_tok[r, :keep][out_mask[r, :keep]].tolist()

@@ -213,7 +213,7 @@ def _generate_continuations(cfg: Any, params: Any, tokenizer: Any, prompts: Sequ
     Greedy decoding is prefix-consistent, so all prompts run to ``max(gen_lens)`` new tokens in
     length-sorted batches (few compiled shapes) and each is cut to its own task's length.
     """
-    from models.generate import generate  # lazy: only for generation scoring
+    from models.generate import generate, host_array  # lazy: only for generation scoring
 
     ids = [list(x) for x in tokenizer(list(prompts))["input_ids"]]
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -228,7 +228,7 @@ def _generate_continuations(cfg: Any, params: Any, tokenizer: Any, prompts: Sequ
         for r, i in enumerate(idx):
             toks[r, t0 - len(ids[i]):] = ids[i]
             mask[r, t0 - len(ids[i]):] = True
-        g = np.asarray(generate(cfg, params, toks, mask, max_new_tokens=max(gen_lens), top_k=None).tokens)[:, t0:]
+        g = host_array(generate(cfg, params, toks, mask, max_new_tokens=max(gen_lens), top_k=None).tokens)[:, t0:]
         for r, i in enumerate(idx):
             out[i] = tokenizer.decode(g[r, : gen_lens[i]].tolist(), skip_special_tokens=True)
     return out

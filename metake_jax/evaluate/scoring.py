@@ -13,6 +13,11 @@ reference's Llama special case (docs/FORMULAS.md §R7) falls out without a famil
 
 The model interface is ``models.interface.forward``; only the hidden states at the predicting
 positions go through the LM head (``head``), which equals slicing ``forward(...).logits``.
+
+On a mesh (params placed by ``sharding.shard_params``) each bucket's rows are split over its
+``data`` axis (``sharding.shard_rows``) and the per-row results are read back with
+``sharding.to_host`` — in a multi-process run every process calls the same jitted steps on the
+same global arrays and ends with the same numbers.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metake_jax.sharding import mesh_of, shard_rows, to_host
 from metake_jax.tokens import encode_pairs
 from models.config import ModelConfig
 from models.interface import WDeltas, forward, gather_positions, head
@@ -121,6 +127,7 @@ def score_rows(
     amax: list[np.ndarray] = [np.zeros(0, np.int32)] * n
     delta = None if w_out_deltas is None else w_out_deltas.delta
     dl = None if w_out_deltas is None else tuple(int(l) for l in w_out_deltas.layers)
+    mesh = mesh_of(params)
     for b0 in range(0, n, bmax):
         idx = order[b0 : b0 + bmax]
         B = min(bmax, _pow2(len(idx), 8))
@@ -140,9 +147,9 @@ def score_rows(
             tgt[j, :k] = r[st[i] :]
             tmask[j, :k] = True
         mask[len(idx) :, 0] = True  # padding rows: one real token keeps softmax finite
-        s, c, a = _score_bucket(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pred_pos),
-                                jnp.asarray(tgt), jnp.asarray(tmask), delta, dl)
-        s, c, a = np.asarray(s, np.float64), np.asarray(c), np.asarray(a)
+        ins = shard_rows((tokens, mask, pred_pos, tgt, tmask), mesh)  # rows over "data" (no mesh: jnp.asarray)
+        s, c, a = _score_bucket(cfg, params, *ins, delta, dl)
+        s, c, a = to_host(s).astype(np.float64), to_host(c), to_host(a)
         for j, i in enumerate(idx):
             sum_nll[i] = s[j]
             n_corr[i] = c[j]
