@@ -24,6 +24,10 @@ So jit compiles one step per (B, T) shape.  Padding never enters the sum or the 
 With a ``mesh`` the batch axis is split over its ``data`` axis (``jax.jit`` with ``NamedSharding``
 in/out shardings; XLA inserts the cross-device reduction); params keep their layout on that mesh
 (``sharding.shard_params``) or are replicated, and the sums come out row-sharded (``stats_sharding``).
+In a multi-process run each process group (``sharding.process_row_share``: the processes holding
+the same rows of the ``data`` axis) tokenizes only its contiguous slice of the documents; the
+groups agree on the batch shapes (``make_process_batches``) and each puts its rows with
+``jax.make_array_from_process_local_data``; C0 equals the one-process C0 up to summation order.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ from jax.sharding import Mesh
 
 from metake_jax.errors import StatsMissingError
 from metake_jax.sharding import (
-    batch_sharding, mesh_of, mesh_size, pad_to_multiple, put_global, replicated, stats_sharding, to_host,
+    batch_sharding, mesh_of, mesh_size, pad_to_multiple, process_row_share, put_global, put_process_rows, replicated,
+    stats_sharding, to_host,
 )
 from models.config import ModelConfig
 from models.generate import bucket_length
@@ -62,7 +67,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CorpusError", "CorpusSpec", "SEED_PROMPTS", "accumulate_second_moment",
     "corpus_from_datasets", "corpus_from_files", "corpus_from_model", "corpus_id", "layer_stats",
-    "load_corpus", "load_layer_stats", "make_batches", "second_moment_step", "stats_key", "stats_path",
+    "load_corpus", "load_layer_stats", "make_batches", "make_process_batches", "second_moment_step", "stats_key", "stats_path",
     "tokenize_corpus",
 ]
 
@@ -136,18 +141,28 @@ def accumulate_second_moment(
     *,
     mesh: Mesh | None = None,
     precision: str = "highest",
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[Array, int]:
     """One pass over ``token_batches`` -> ``(Σ k kᵀ (m, d_k, d_k) float32, #non-pad tokens)``.
 
     Each batch is ``(tokens (B, T) int, mask (B, T) bool)`` with right padding; with a mesh the
     rows are padded (empty rows) to a multiple of the device count and split over ``data``.
     ``precision`` is the matmul precision of the Σ k kᵀ einsum (``PRECISIONS``).
+
+    ``share = (g, G)`` with G > 1 (a multi-process run, ``sharding.process_row_share``): each batch
+    holds only this process group's rows (B / G of them, the same number in every process: see
+    ``make_process_batches``), placed with ``jax.make_array_from_process_local_data``; the count
+    returned is the total over the groups.  Every process must pass the same number of batches of
+    the same shapes.
     """
     layers = _check_layers(cfg, layers)
     step = _compiled_step(cfg, layers, mesh, precision)
     n_dev = mesh_size(mesh)
+    g, n_groups = share
+    if n_groups > 1 and (mesh is None or n_dev % n_groups):
+        raise ValueError(f"share={share}: the {n_groups} process groups must split the mesh's data axis")
     if mesh is not None and mesh_of(params) != mesh:
-        params = jax.device_put(params, replicated(mesh))
+        params = jax.tree.map(lambda x: put_global(x, replicated(mesh)), params)
     total = None
     count = 0
     for i, (tokens, mask) in enumerate(token_batches):
@@ -155,15 +170,39 @@ def accumulate_second_moment(
         if tokens.ndim != 2 or tokens.shape != mask.shape:
             raise ValueError(f"batch {i}: tokens {tokens.shape} and mask {mask.shape} must both be (B, T)")
         count += int(mask.sum())
-        if n_dev > 1:
+        if n_groups > 1:
+            k = n_dev // n_groups  # data devices of one group
+            tokens, mask = pad_to_multiple(tokens, k), pad_to_multiple(mask, k)
+            n_rows = tokens.shape[0] * n_groups
+            tokens, mask = put_process_rows(tokens, mesh, n_rows), put_process_rows(mask, mesh, n_rows)
+        elif n_dev > 1:
             tokens, mask = pad_to_multiple(tokens, n_dev), pad_to_multiple(mask, n_dev)
             rows = batch_sharding(mesh, 2)
             tokens, mask = put_global(tokens, rows), put_global(mask, rows)
         s = step(params, tokens, mask)
         total = s if total is None else total + s
+    if n_groups > 1:
+        count = _groups_total(g, count)
     if total is None:
         raise CorpusError("no batches: the statistics corpus is empty")
     return total, count
+
+
+def _groups_total(group: int, value: int) -> int:
+    """Σ over process groups of ``value`` (the processes of one group hold the same value)."""
+    from jax.experimental import multihost_utils
+
+    both = np.asarray(multihost_utils.process_allgather(np.asarray([group, value], np.int64)))
+    return int(sum(dict(both.reshape(-1, 2).tolist()).values()))
+
+
+def _allgather_rows(x: np.ndarray) -> np.ndarray:
+    """(n_processes, *x.shape): every process's ``x`` (just ``x[None]`` in a single-process run)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x)[None], tiled=True))
 
 
 # ============================================================================= bucketing
@@ -202,6 +241,57 @@ def make_batches(
         for s in range(0, len(idx), cap):
             chunk = idx[s:s + cap]
             B = _round_rows(len(chunk), cap, multiple)
+            tokens = np.full((B, T), pad_id, np.int32)
+            mask = np.zeros((B, T), bool)
+            for r, i in enumerate(chunk):
+                ids = token_lists[i]
+                tokens[r, :len(ids)] = ids
+                mask[r, :len(ids)] = True
+            batches.append((tokens, mask))
+    return batches
+
+
+def make_process_batches(
+    token_lists: Sequence[Sequence[int]],
+    n_groups: int,
+    *,
+    max_len: int,
+    token_budget: int = 8192,
+    min_len: int = 16,
+    multiple: int = 1,
+    pad_id: int = 0,
+) -> list[Batch]:
+    """This process group's part of the statistics batches of a multi-process run.
+
+    ``token_lists`` are the documents of this group (its contiguous slice of the corpus); the
+    groups agree (one all-gather of per-bucket document counts) on the batches: for each length
+    bucket T, as many batches as the fullest group needs, each of ``B_T / n_groups`` rows, where
+    ``B_T`` follows ``make_batches`` with ``multiple`` = the mesh's data axis; a group with fewer
+    documents fills the rest with empty rows (they never count).  So every process feeds the same
+    jitted steps with the same global shapes, and the sums over all groups are those of the whole
+    corpus (up to float summation order)."""
+    if max_len < 1 or token_budget < 1 or multiple < 1 or multiple % n_groups:
+        raise ValueError(f"max_len, token_budget and multiple must be >= 1 and multiple ({multiple}) a "
+                         f"multiple of the {n_groups} process groups")
+    widths = sorted({bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len)
+                     for n in range(1, max_len + 1)})
+    groups: dict[int, list[int]] = {T: [] for T in widths}
+    for i, ids in enumerate(token_lists):
+        n = len(ids)
+        if n == 0:
+            continue
+        if n > max_len:
+            raise ValueError(f"document {i} has {n} tokens > max_len={max_len} (tokenize with truncation)")
+        groups[bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len)].append(i)
+    most = _allgather_rows(np.asarray([len(groups[T]) for T in widths], np.int64)).max(axis=0)
+    local_multiple = multiple // n_groups
+    batches: list[Batch] = []
+    for T, m in zip(widths, most.tolist()):
+        idx = sorted(groups[T], key=lambda i: (-len(token_lists[i]), i))
+        cap = max(multiple, (max(1, token_budget // T) // multiple) * multiple) // n_groups
+        for s in range(0, m, cap):
+            chunk = idx[s:s + cap]
+            B = _round_rows(min(cap, m - s), cap, local_multiple)
             tokens = np.full((B, T), pad_id, np.int32)
             mask = np.zeros((B, T), bool)
             for r, i in enumerate(chunk):
@@ -499,7 +589,9 @@ def layer_stats(
             if mom2.shape != (cfg.d_key, cfg.d_key):
                 raise ValueError(f"statistics cache {paths[l]}: shape {mom2.shape} != d_k {cfg.d_key}")
             have[l] = (mom2, count)
-    missing = tuple(l for l in layers if l not in have)
+    # every process computes what any of them lacks (the pass is a collective computation)
+    lacks = _allgather_rows(np.asarray([l not in have for l in layers], np.int32)).any(axis=0)
+    missing = tuple(l for l, lack in zip(layers, lacks.tolist()) if lack)
     if missing and not compute:
         raise StatsMissingError(
             "layer statistics missing for "
@@ -512,10 +604,21 @@ def layer_stats(
         if len(texts) < n_samples:
             log.warning("statistics corpus %s has only %d of the %d requested documents",
                         cid, len(texts), n_samples)
-        token_lists = tokenize_corpus(tokenizer, texts, max_len)
-        batches = make_batches(token_lists, max_len=max_len, token_budget=token_budget,
-                               multiple=mesh_size(mesh))
-        sums, count = accumulate_second_moment(cfg, params, batches, missing, mesh=mesh, precision=precision)
+        share = (0, 1) if mesh is None else process_row_share(mesh) or (0, 1)
+        if share[1] > 1:  # multi-process: each process group tokenizes and feeds its slice of the documents
+            g, n_groups = share
+            bounds = np.linspace(0, len(texts), n_groups + 1).astype(int)
+            log.info("statistics: process group %d of %d feeds documents [%d, %d) of %d", g, n_groups,
+                     bounds[g], bounds[g + 1], len(texts))
+            token_lists = tokenize_corpus(tokenizer, texts[bounds[g]:bounds[g + 1]], max_len)
+            batches = make_process_batches(token_lists, n_groups, max_len=max_len, token_budget=token_budget,
+                                           multiple=mesh_size(mesh))
+        else:
+            token_lists = tokenize_corpus(tokenizer, texts, max_len)
+            batches = make_batches(token_lists, max_len=max_len, token_budget=token_budget,
+                                   multiple=mesh_size(mesh))
+        sums, count = accumulate_second_moment(cfg, params, batches, missing, mesh=mesh, precision=precision,
+                                               share=share)
         sums = to_host(sums)
         if count <= 0:
             raise CorpusError(f"statistics corpus {cid} has no tokens")

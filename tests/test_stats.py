@@ -103,6 +103,30 @@ def test_make_batches_buckets():
         S.make_batches([[1] * 200], max_len=128)
 
 
+def test_process_batches_split_the_corpus(model, docs, monkeypatch):
+    """A 2-process run: each process group batches its contiguous half of the documents; the groups'
+    batches have the same shapes, batch k of the run is their rows stacked, and the Σ k kᵀ over those
+    global batches is the torch per-sequence oracle of the whole corpus (the all-gather of the
+    per-bucket counts is emulated with both groups' counts)."""
+    m, cfg, params = model
+    halves = [docs[:len(docs) // 2], docs[len(docs) // 2:]]
+    counts = []
+    monkeypatch.setattr(S, "_allgather_rows", lambda x: (counts.append(x), x[None])[1])
+    for h in halves:
+        S.make_process_batches(h, 2, max_len=MAX_LEN, token_budget=BUDGET, multiple=4)
+    monkeypatch.setattr(S, "_allgather_rows", lambda x: np.stack(counts))
+    parts = [S.make_process_batches(h, 2, max_len=MAX_LEN, token_budget=BUDGET, multiple=4) for h in halves]
+    assert len(parts[0]) == len(parts[1]) > 2
+    glob = []
+    for (t0, m0), (t1, m1) in zip(*parts):
+        assert t0.shape == t1.shape and t0.shape[0] % 2 == 0  # rows per group: a multiple of 4 / 2 devices
+        glob.append((np.concatenate([t0, t1]), np.concatenate([m0, m1])))
+    sums, count = S.accumulate_second_moment(cfg, params, glob, LAYERS)
+    assert count == sum(LENGTHS)
+    want = torch_second_moment(m, docs, LAYERS)
+    assert rel(sums[0], want[0]) <= 1e-5 and rel(sums[1], want[1]) <= 1e-5
+
+
 def test_bucket_length_one_rule():
     """The one bucketing rule (models.generate.bucket_length) gives both callers' widths: the smallest
     allowed width >= n, by brute force over the allowed sets."""
