@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DATA_AXIS", "LOGICAL_RULES", "MESH_AXES", "MODEL_AXIS", "batch_sharding", "describe_layout", "make_mesh",
-    "any_process", "barrier", "init_distributed", "is_writer", "leaf_logical_axes", "leaf_placer", "mesh_of", "mesh_size", "replicate", "pad_to_multiple", "param_logical_axes", "param_shardings", "process_row_share", "put_global", "put_process_rows", "replicated", "to_host",
+    "any_process", "barrier", "init_distributed", "is_writer", "leaf_logical_axes", "leaf_placer", "mesh_of",
+    "mesh_size", "replicate", "pad_to_multiple", "param_logical_axes", "param_shardings", "process_row_share",
+    "put_global", "put_process_rows", "replicated", "to_host",
     "run_mesh", "shard_batch", "shard_params", "shard_rows", "shard_stats", "spec_for", "stats_sharding",
 ]
 

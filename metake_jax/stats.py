@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CorpusError", "CorpusSpec", "SEED_PROMPTS", "accumulate_second_moment",
     "corpus_from_datasets", "corpus_from_files", "corpus_from_model", "corpus_id", "layer_stats",
-    "load_corpus", "load_layer_stats", "make_batches", "make_process_batches", "second_moment_step", "stats_key", "stats_path",
-    "tokenize_corpus",
+    "load_corpus", "load_layer_stats", "make_batches", "make_process_batches", "second_moment_step", "stats_key",
+    "stats_path", "tokenize_corpus",
 ]
 
 STATS_DTYPE = "float32"

@@ -267,7 +267,7 @@ def test_two_processes_match_one_process_and_resume_after_kill(tmp_path):
     assert any("generations" in m for m in e2["per_case"])
     assert (two / "results.md").is_file() and (two / "edit_log.jsonl").is_file()
     assert not list(two.rglob("*.tmp"))
-    h1, h2 = load_file(str(Path(f"{one}_hf") / "model.safetensors")), load_file(str(Path(f"{two}_hf") / "model.safetensors"))
+    h1, h2 = (load_file(str(Path(f"{d}_hf") / "model.safetensors")) for d in (one, two))
     assert set(h1) == set(h2)
     for k in h1:
         assert np.linalg.norm(h2[k] - h1[k]) <= 1e-5 * max(np.linalg.norm(h1[k]), 1e-30), k
