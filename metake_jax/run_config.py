@@ -206,6 +206,7 @@ class RunConfig:
     # JAX's persistent compilation cache (compiled programs on disk, keyed by program + compiler + devices:
     # a warm rerun skips XLA compilation, ~30-45 s per Stage I batch on a 2-core CPU).
     # "" = $METAKE_CACHE/xla (default ~/.cache/metake-jax/xla); "off" = no persistent cache; else a directory.
+    # Not used in a multi-process run (jax.distributed): there every process compiles.
     compile_cache: str = ""
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # devices: not part of the fingerprint
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)

@@ -901,7 +901,8 @@ def run(config: RunConfig | Any, *, hooks: RunHooks | None = None) -> dict[str, 
     t_start = time.perf_counter()
     c = RunConfig.of(config)
     _init_distributed(c)
-    enable_compile_cache(compile_cache_dir(c))
+    if jax.process_count() == 1:  # a multi-process run compiles in every process: a program cached by another
+        enable_compile_cache(compile_cache_dir(c))  # topology (same device count) aborted a gloo collective
     s = setup(c)
     state, ranks = statistics(s)
     s.run_dir.mkdir(parents=True, exist_ok=True)  # the first write into run_dir: every input is checked
