@@ -15,7 +15,7 @@ MODEL = dict(model="gpt2-xl", layers=(13, 14, 15, 16, 17), lr=0.5, steps=20, max
 METHOD_PRESETS = {
     "rome": {"editor.rome.layers": (17,), "editor.rome.mom2_adjustment": True, "stage1.lr": 0.5, "stage1.steps": 20,
              "stage1.clamp_norm_factor": 4.0, "stage1.weight_decay": 0.5, "stage1.kl_factor": 0.0625,
-             "templates.n_per_prompt": 4},
+             "templates.n_per_prompt": 2, "templates.lengths": (5, 10)},  # 21 templates, rome_main.py
     "emmet": {"editor.emmet.layers": (17,), "editor.emmet.mom2_update_weight": 1000.0, "editor.emmet.emmet_lambda": 0.1,
               "editor.emmet.update_norm_lambda": 0.0, "stage1.lr": 0.5, "stage1.steps": 20,
               "stage1.clamp_norm_factor": 0.75, "stage1.weight_decay": 0.5, "stage1.kl_factor": 0.0625},

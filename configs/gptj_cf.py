@@ -15,7 +15,7 @@ MODEL = dict(model="EleutherAI/gpt-j-6B", layers=(3, 4, 5, 6, 7, 8), lr=0.5, ste
 METHOD_PRESETS = {
     "rome": {"editor.rome.layers": (5,), "editor.rome.mom2_adjustment": True, "stage1.lr": 0.5, "stage1.steps": 20,
              "stage1.clamp_norm_factor": 4.0, "stage1.weight_decay": 0.5, "stage1.kl_factor": 0.0625,
-             "templates.n_per_prompt": 4},
+             "templates.n_per_prompt": 2, "templates.lengths": (5, 10)},  # 21 templates, rome_main.py
     "emmet": {"editor.emmet.layers": (5,), "editor.emmet.mom2_update_weight": 1.0, "editor.emmet.emmet_lambda": 0.1,
               "editor.emmet.update_norm_lambda": 0.0, "stage1.lr": 0.5, "stage1.steps": 25,
               "stage1.clamp_norm_factor": 0.75, "stage1.weight_decay": 0.5, "stage1.kl_factor": 0.0625},

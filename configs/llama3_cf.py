@@ -16,7 +16,7 @@ MODEL = dict(model="meta-llama/Meta-Llama-3-8B-Instruct", layers=(4, 5, 6, 7, 8)
 METHOD_PRESETS = {
     "rome": {"editor.rome.layers": (5,), "editor.rome.mom2_adjustment": False, "stage1.lr": 0.5, "stage1.steps": 25,
              "stage1.clamp_norm_factor": 4.0, "stage1.weight_decay": 1e-3, "stage1.kl_factor": 0.0625,
-             "templates.n_per_prompt": 4},
+             "templates.n_per_prompt": 2, "templates.lengths": (5, 10)},  # 21 templates, rome_main.py
     "emmet": {"editor.emmet.layers": (5,), "editor.emmet.mom2_update_weight": 1.0, "editor.emmet.emmet_lambda": 0.1,
               "editor.emmet.update_norm_lambda": 0.0, "stage1.lr": 0.5, "stage1.steps": 25,
               "stage1.clamp_norm_factor": 4.0, "stage1.weight_decay": 1e-3, "stage1.kl_factor": 0.0625},

@@ -36,6 +36,7 @@ Array = jax.Array
 class EditConfig:
     """What to do with a batch: edited layers, Stage I, downstream editor, optional MetaKE.
 
+    ``stage1.norm_ref="auto"`` is resolved here to the editor's ``stage1_norm_ref`` (ROME: "mlp").
     Raises ValueError for layers that are not a non-empty increasing tuple, and ``NotGatedError`` when
     MetaKE is asked over an editor whose update is not Δ = R·B(K)."""
 
@@ -50,6 +51,8 @@ class EditConfig:
             raise ValueError(f"edited layers must be a non-empty increasing tuple, got {self.layers}")
         if self.metake is not None and self.metake.steps > 0 and not self.editor.is_gated():
             raise NotGatedError(f"MetaKE needs a gated editor (Δ = R·B(K)); {self.editor.name!r} is not")
+        if self.stage1.norm_ref == "auto":
+            object.__setattr__(self, "stage1", dataclasses.replace(self.stage1, norm_ref=self.editor.stage1_norm_ref))
 
 
 class EditState(NamedTuple):

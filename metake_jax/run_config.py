@@ -143,12 +143,20 @@ class TemplatesConfig:
 
     seed: int = 0
     file: str = ""  # JSON [["{}"], [...]] to use instead of sampling
-    n_per_prompt: int = 1  # samples per seed word (5 seed words)
+    n_per_prompt: int = 1  # samples per seed word (5 seed words) and per length
     length: int = 10  # tokens per sampled template
+    # several lengths: one group of n_per_prompt × 5 templates per length, replacing `length`
+    # (ROME's reference set: (5, 10) with n_per_prompt 2 → "{}" + 10 of 5 tokens + 10 of 10 tokens)
+    lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("n_per_prompt", "length"):
             _check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
+        _check(all(x >= 1 for x in self.lengths), f"lengths must all be >= 1, got {self.lengths}")
+
+    def group_lengths(self) -> tuple[int, ...]:
+        """Token length of each group of sampled templates: ``lengths``, else ``(length,)``."""
+        return tuple(self.lengths) or (self.length,)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,7 +83,8 @@ class RunHooks:
 def edit_config(c: RunConfig | Any) -> EditConfig:
     """``method`` + hyper-parameters → ``EditConfig`` (the method table: ``metake_jax.methods.resolve``,
     docs/FORMULAS.md §4, §6): the method's editor from ``editor.<name>``, its edited layers (the
-    editor's own ``layers`` or the run's), Stage I, and the MetaKE section with the method's overrides.
+    editor's own ``layers`` or the run's), Stage I (``stage1.norm_ref="auto"`` becomes the editor's
+    ``stage1_norm_ref``: ROME / metake_rome get "mlp"), and the MetaKE section with the method's overrides.
 
     ``c``: a ``RunConfig`` or a ConfigDict (validated first).  Raises ``ConfigError`` naming the field
     (an unknown method included)."""
@@ -240,6 +241,8 @@ def _templates(c: RunConfig, cfg: ModelConfig, params: Any, tokenizer: Any, run_
             raise RunError(f"config.templates.file: {p} is not valid JSON ({e})") from e
     key = {"model_id": model_id, "seed": c.templates.seed, "n_per_prompt": c.templates.n_per_prompt,
            "length": c.templates.length}
+    if c.templates.lengths:  # several lengths (ROME); absent otherwise, so older caches keep their key
+        key["lengths"] = list(c.templates.lengths)
     cache = run_dir / "templates.json"
     cached = None
     if cache.is_file():
@@ -253,7 +256,7 @@ def _templates(c: RunConfig, cfg: ModelConfig, params: Any, tokenizer: Any, run_
     from metake_jax.templates import context_templates
 
     t = context_templates(cfg, params, tokenizer, seed=key["seed"], n_per_prompt=key["n_per_prompt"],
-                          length=key["length"])
+                          lengths=c.templates.group_lengths())
     t = [list(g) for g in t]
     return t, lambda: cache.write_text(json.dumps({"key": key, "templates": t}, indent=1))
 
@@ -307,7 +310,8 @@ def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenize
 # Fingerprint fields added after run checkpoints already existed, with the value those older runs implied
 # (a field added to a fingerprinted section of run_config.RunConfig goes here to keep old runs resumable).
 _ADDED_LATER: dict[str, Any] = {"stats.precision": "highest", "data.chat": False,
-                                "stage1.prefix_reuse": True, "stage1.compact": True}
+                                "stage1.prefix_reuse": True, "stage1.compact": True, "stage1.norm_ref": "block",
+                                "templates.lengths": []}
 # Fingerprint entries older checkpoints did not record at all (not compared when absent from a checkpoint).
 _RECORDED_LATER: tuple[str, ...] = ("data_sha256",)
 
@@ -322,6 +326,7 @@ def _fingerprint(c: RunConfig | Any) -> dict[str, Any]:
     if not str(fp.get("method", "")).startswith("metake"):
         fp.pop("metake", None)  # MetaKE fields do not change a MEMIT / AlphaEdit run
     fp["editor"] = _editor_fingerprint(fp.get("method"), fp.get("editor"))
+    _resolve_norm_ref(fp)
     for path, default in _ADDED_LATER.items():  # at their defaults, later fields leave older checkpoints resumable
         *parents, leaf = path.split(".")
         node = fp
@@ -330,6 +335,17 @@ def _fingerprint(c: RunConfig | Any) -> dict[str, Any]:
         if isinstance(node, dict) and node.get(leaf) == default:
             del node[leaf]
     return fp
+
+
+def _resolve_norm_ref(fp: dict[str, Any]) -> None:
+    """``stage1.norm_ref="auto"`` in a fingerprint → the method's editor's convention (what the run computes:
+    a ROME run from before ROME's own norm reference does not resume under it)."""
+    s1 = fp.get("stage1")
+    if isinstance(s1, dict) and s1.get("norm_ref") == "auto":
+        try:
+            s1["norm_ref"] = editors.get(resolve(str(fp.get("method"))).editor).stage1_norm_ref
+        except ValueError:
+            pass
 
 
 def _editor_fingerprint(method: Any, section: Any) -> Any:

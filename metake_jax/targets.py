@@ -10,6 +10,14 @@ of one batch range from ~5 to ~24 tokens, so a single padded width wastes about 
 compute; four groups keep ~75 % of the tokens real (bench/RESULTS.md, "Stage I row groups").
 Grouping changes no number: every row's loss is the same function of its own tokens.
 
+Norm reference (``StageIConfig.norm_ref``): the clamp and the weight decay are relative to ‖h_0‖, the
+block-L output at the bare prompt's subject-last token (MEMIT, ``"block"``), or to ‖m_0‖, block L's
+MLP output there (ROME ``compute_v.py``, ``"mlp"``).  ROME adds δ to the MLP output of layer L, which
+changes the residual stream exactly as adding it to the block output, so only these two normalisers
+differ; the targets stay z = h_0 + δ in block-output space (residual z − h_L = δ, as ROME's
+``v* − m_0``).  ``"auto"`` is the editor's convention (``Editor.stage1_norm_ref``, resolved by
+``runner.edit_config``), ``"block"`` when Stage I is called without an editor.
+
 Prefix reuse (``StageIConfig.prefix_reuse``): δ enters at block L's output at the subject's last
 token, so by causal attention every earlier position's state in the blocks above L is the same at
 every Adam step.  Blocks ≤ L and the δ = 0 keys/values of the blocks above L are computed once per
@@ -52,10 +60,16 @@ from models.layers import f32
 
 Array = jax.Array
 
+NORM_REFS = ("auto", "block", "mlp")
+
 
 @dataclasses.dataclass(frozen=True)
 class StageIConfig:
-    """Reference hyper-parameters (docs/FORMULAS.md §R6): v_lr, v_num_grad_steps, clamp, KL, wd."""
+    """Reference hyper-parameters (docs/FORMULAS.md §R6): v_lr, v_num_grad_steps, clamp, KL, wd.
+
+    ``norm_ref`` (docs/FORMULAS.md §3 "Norm reference"): what the clamp and the weight decay are relative
+    to — ``"block"`` ‖h_0‖ (MEMIT), ``"mlp"`` ‖m_0‖ (ROME), ``"auto"`` the editor's convention
+    (``Editor.stage1_norm_ref``; ``"block"`` without an editor).  Raises ValueError naming the field."""
 
     lr: float = 0.5
     steps: int = 25  # v_num_grad_steps: at most steps-1 Adam updates
@@ -66,16 +80,26 @@ class StageIConfig:
     row_groups: int = 4  # length-sorted row groups, each at its own width (1 = one padded width)
     prefix_reuse: bool = True  # steps run only from the subject's last token on (same numbers, less compute)
     compact: bool = True  # converged requests leave the batch: active rows move to a smaller bucket
+    # clamp / weight-decay reference: "block" ‖h_0‖ (MEMIT) | "mlp" ‖m_0‖ (ROME) | "auto" the editor's
+    norm_ref: str = "auto"
 
     def __post_init__(self) -> None:
         if int(self.row_groups) < 1:
             raise ValueError(f"stage1.row_groups must be >= 1, got {self.row_groups}")
+        if self.norm_ref not in NORM_REFS:
+            raise ValueError(f"stage1.norm_ref must be one of {', '.join(NORM_REFS)}, got {self.norm_ref!r}")
+
+    @property
+    def mlp_norm(self) -> bool:
+        """Whether the clamp and weight decay are relative to the MLP output ‖m_0‖ (``norm_ref="mlp"``)."""
+        return self.norm_ref == "mlp"
 
 
 class StageIResult(NamedTuple):
     Z: Array  # (d, n_pad) targets z_i = h0_i + δ_i
     H0: Array  # (d, n_pad) block-L output at the bare prompt's subject-last token
     delta: Array  # (n_pad, d)
+    ref_norm: Array  # (n_pad,) the clamp / weight-decay reference ‖h_0‖ or ‖m_0‖ (``norm_ref``)
     losses: Array  # (steps, n_pad) total loss per iteration (held after a request stops)
     nll: Array  # (steps, n_pad)
     steps_taken: Array  # (n_pad,) number of Adam updates applied
@@ -208,21 +232,33 @@ def group_rows(batch: EditBatch, order: Array, widths: tuple) -> list[tuple[Arra
     return out
 
 
-def _full_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int):
-    """(h0 rows (B, d), logits(delta_rows) -> (target logits, subject-token logits)) on full rows."""
-    h_in = lower_hidden(cfg, params, rows, L)
-    h_L, _ = block_at(cfg, params, L, h_in, make_context(rows.mask))
+def _block_L(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, h_in: Array, ctx: Any,
+             mlp_norm: bool) -> tuple[Array, Array, Array]:
+    """Block L on the rows: (block output (B, T, d), h0 (B, d), norm reference rows (B, d)) — the
+    reference is h0 itself, or with ``mlp_norm`` block L's MLP output m0 at the subject's last token."""
+    if mlp_norm:
+        h_L, _, _, m = block_parts_at(cfg, params, L, h_in, ctx)
+    else:
+        h_L, _ = block_at(cfg, params, L, h_in, ctx)
     h0 = f32(gather_positions(h_L, rows.lookup[:, None])[:, 0])
-    return h0, lambda delta_rows: upper_logits(cfg, params, rows, h_in, L, delta_rows=delta_rows)
+    ref = f32(gather_positions(m, rows.lookup[:, None])[:, 0]) if mlp_norm else h0
+    return h_L, h0, ref
 
 
-def _prefix_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, w: GroupWidths):
+def _full_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, mlp_norm: bool = False):
+    """(h0 rows (B, d), norm reference rows (B, d), logits(delta_rows) -> (target logits,
+    subject-token logits)) on full rows."""
+    h_in = lower_hidden(cfg, params, rows, L)
+    _, h0, ref = _block_L(cfg, params, rows, L, h_in, make_context(rows.mask), mlp_norm)
+    return h0, ref, lambda delta_rows: upper_logits(cfg, params, rows, h_in, L, delta_rows=delta_rows)
+
+
+def _prefix_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, w: GroupWidths, mlp_norm: bool = False):
     """As ``_full_group`` with prefix reuse: blocks ≤ L and the upper blocks' prefix keys/values
     once (δ = 0), each call runs blocks L+1.. over the rows' suffixes only (module docstring)."""
     ctx = make_context(rows.mask)
     h_in = lower_hidden(cfg, params, rows, L)
-    h_L, _ = block_at(cfg, params, L, h_in, ctx)
-    h0 = f32(gather_positions(h_L, rows.lookup[:, None])[:, 0])
+    h_L, h0, ref = _block_L(cfg, params, rows, L, h_in, ctx, mlp_norm)
     _, (k, v) = run_layers_kv(cfg, params, h_L, ctx, L + 1, cfg.n_layers)  # (n_up, B, W, Hkv, hd)
     P = min(w.prefix, w.full)
     prefix = KVPrefix(k=k[:, :, :P], v=v[:, :, :P],
@@ -238,7 +274,7 @@ def _prefix_group(cfg: ModelConfig, params: Any, rows: EditBatch, L: int, w: Gro
         h = run_layers_after_prefix(cfg, params, x, s_pos, s_mask, prefix, L + 1, cfg.n_layers)
         return head(cfg, params, gather_positions(h, t_pos)), head(cfg, params, h[:, 0])
 
-    return h0, logits
+    return h0, ref, logits
 
 
 class LoopState(NamedTuple):
@@ -258,26 +294,28 @@ def _stage1_loop(
     widths: tuple[int, ...] | tuple[GroupWidths, ...], state: LoopState | None, min_active: int,
 ) -> tuple[LoopState, Array]:
     """Run Stage I steps from ``state`` (None: fresh) until step ``hp.steps``, no request is active,
-    or at most ``min_active`` are.  Returns (state, h0 (n_pad, d))."""
+    or at most ``min_active`` are.  Returns (state, h0 (n_pad, d), norm reference ‖h0‖ or ‖m0‖ (n_pad,))."""
     n_pad = batch.valid.shape[0]
     per = batch.tokens.shape[0] // n_pad
     groups = group_rows(batch, order, widths)
     req_of = [idx // per for idx, _ in groups]
     nll_avg = batch.nll_avg[:, order]
     kl_sel = batch.kl_sel[:, order]
-    fns, h0_rows, logp_init = [], [], []
+    fns, h0_rows, ref_rows, logp_init = [], [], [], []
     for (idx, rows), w in zip(groups, widths):
         if isinstance(w, GroupWidths):
-            h0_g, fn = _prefix_group(cfg, params, rows, L, w)
+            h0_g, ref_g, fn = _prefix_group(cfg, params, rows, L, w, hp.mlp_norm)
         else:
-            h0_g, fn = _full_group(cfg, params, rows, L)
+            h0_g, ref_g, fn = _full_group(cfg, params, rows, L, hp.mlp_norm)
         _, logits_k0 = fn(jnp.zeros((idx.shape[0], cfg.d_model), h0_g.dtype))
         logp_init.append(jax.lax.stop_gradient(jax.nn.log_softmax(logits_k0, axis=-1)))
         h0_rows.append(h0_g)
+        ref_rows.append(ref_g)
         fns.append(fn)
     inv = jnp.argsort(order)
     h0 = jnp.concatenate(h0_rows)[inv[batch.bare_row]]  # (n_pad, d)
-    h0_norm = safe_norm(h0)
+    # ‖h_0‖ (MEMIT) or ‖m_0‖ (ROME): the clamp and weight-decay reference of each request (norm_ref)
+    h0_norm = safe_norm(jnp.concatenate(ref_rows)[inv[batch.bare_row]])
 
     def loss_fn(delta: Array) -> tuple[Array, tuple[Array, Array]]:
         row_nll, kl_rows = [], []
@@ -319,7 +357,7 @@ def _stage1_loop(
         nan = jnp.full((hp.steps, n_pad), jnp.nan, h0.dtype)
         state = LoopState(jnp.asarray(0), delta0, opt.init(delta0), batch.valid > 0,
                           jnp.zeros((n_pad,), jnp.int32), nan, nan)
-    return jax.lax.while_loop(cond, body, state), h0
+    return jax.lax.while_loop(cond, body, state), h0, h0_norm
 
 
 def _fill_forward(x: Array) -> Array:
@@ -327,10 +365,10 @@ def _fill_forward(x: Array) -> Array:
     return jax.lax.associative_scan(lambda a, b: jnp.where(jnp.isnan(b), a, b), x, axis=0)
 
 
-def _result(cfg: ModelConfig, s: LoopState, h0: Array, valid: Array) -> StageIResult:
+def _result(cfg: ModelConfig, s: LoopState, h0: Array, ref_norm: Array, valid: Array) -> StageIResult:
     Z = (h0 + s.delta).T * valid
     chex.assert_shape(Z, (cfg.d_model, valid.shape[0]))
-    return StageIResult(Z=Z, H0=h0.T * valid, delta=s.delta, losses=_fill_forward(s.losses),
+    return StageIResult(Z=Z, H0=h0.T * valid, delta=s.delta, ref_norm=ref_norm * valid, losses=_fill_forward(s.losses),
                         nll=_fill_forward(s.nlls), steps_taken=s.taken)
 
 
@@ -345,17 +383,17 @@ def optimize_targets_grouped(
     terms are mapped back to requests through the permuted ``nll_avg`` / ``kl_sel``.  ``GroupWidths``
     widths select prefix reuse (module docstring); plain int widths run the full rows every step.
     """
-    s, h0 = _stage1_loop(cfg, params, batch, order, L, hp, widths, None, 0)
-    return _result(cfg, s, h0, batch.valid)
+    s, h0, ref_norm = _stage1_loop(cfg, params, batch, order, L, hp, widths, None, 0)
+    return _result(cfg, s, h0, ref_norm, batch.valid)
 
 
 @partial(jax.jit, static_argnames=("cfg", "L", "hp", "widths", "min_active"))
 def stage1_phase(
     cfg: ModelConfig, params: Any, batch: EditBatch, order: Array, L: int, hp: StageIConfig,
     widths: tuple[int, ...] | tuple[GroupWidths, ...], state: LoopState | None, min_active: int,
-) -> tuple[LoopState, Array]:
+) -> tuple[LoopState, Array, Array]:
     """One compaction phase (module docstring): steps until at most ``min_active`` requests are
-    active (or none / ``hp.steps``).  Returns (loop state, h0 (n_pad, d))."""
+    active (or none / ``hp.steps``).  Returns (loop state, h0 (n_pad, d), norm reference (n_pad,))."""
     return _stage1_loop(cfg, params, batch, order, L, hp, widths, state, min_active)
 
 
@@ -403,7 +441,7 @@ def optimize_targets_compacted(
     host = EditBatch(*[to_host(x) for x in batch])
     n_pad = host.valid.shape[0]
     ids = np.arange(n_pad)  # original index of each request of the current sub-batch
-    sub, state, h0_all = batch, None, None
+    sub, state, h0_all, ref_all = batch, None, None, None
     d = cfg.d_model
     delta_all = np.zeros((n_pad, d), np.float32)
     losses_all = np.full((hp.steps, n_pad), np.nan, np.float32)
@@ -413,10 +451,10 @@ def optimize_targets_compacted(
     while True:
         order, widths = row_groups(sub_host, hp.row_groups, hp.prefix_reuse)
         cur = sub_host.valid.shape[0]
-        state, h0 = stage1_phase(cfg, params, sub, _placed(order, mesh), L, hp, widths, state,
-                                 _smaller_bucket(cur))
-        if h0_all is None:
-            h0_all = h0
+        state, h0, ref_norm = stage1_phase(cfg, params, sub, _placed(order, mesh), L, hp, widths, state,
+                                           _smaller_bucket(cur))
+        if h0_all is None:  # the first phase holds every request
+            h0_all, ref_all = h0, ref_norm
             delta_all = delta_all.astype(np.dtype(h0.dtype))
             losses_all, nlls_all = losses_all.astype(delta_all.dtype), nlls_all.astype(delta_all.dtype)
         real = sub_host.valid > 0
@@ -437,7 +475,7 @@ def optimize_targets_compacted(
         ids = ids[sel]
     s = LoopState(it=state.it, delta=_placed(delta_all, mesh), opt_state=None, active=None,
                   taken=_placed(taken_all, mesh), losses=_placed(losses_all, mesh), nlls=_placed(nlls_all, mesh))
-    return _result(cfg, s, h0_all, batch.valid)
+    return _result(cfg, s, h0_all, ref_all, batch.valid)
 
 
 def optimize_targets(

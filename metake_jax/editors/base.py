@@ -17,6 +17,9 @@ write) whose fields are its hyper-parameters, and it declares, as class attribut
 * ``per_layer_targets`` — Stage I runs once per edited layer, at that layer, on the model as edited
   so far in the batch, and the residual is not divided (AlphaEdit-BLUE).
 * ``one_at_a_time`` — requests are written one by one (ROME: request j+1 sees request j's edit).
+* ``stage1_norm_ref`` — what Stage I's clamp and weight decay are relative to when ``stage1.norm_ref`` is
+  ``"auto"``: ``"block"`` (MEMIT: ‖h_0‖, block L's output) or ``"mlp"`` (ROME: ‖m_0‖, block L's MLP
+  output), both at the bare prompt's subject-last token (docs/FORMULAS.md §3 "Norm reference").
 * ``targets`` — ``"block"`` (MEMIT's Stage I: δ on block L's output, residual R = Z − H_L) or
   ``"attn_ffn"`` (PMET: δ_attn and δ_mlp on block L's attention and FFN outputs; Z and the residual
   R = Z − M_L live in FFN-output space, M_L = fc_out(k*) of layer L at the bare prompt).
@@ -48,6 +51,7 @@ SOLVE_DTYPES = ("float32", "float64")
 KEY_AVERAGES = ("grouped", "uniform")
 STATISTICS = ("C0", "P")
 TARGETS = ("block", "attn_ffn")
+NORM_REFS = ("block", "mlp")
 
 
 class LayerStats(NamedTuple):
@@ -84,6 +88,7 @@ class Editor:
     per_layer_targets: ClassVar[bool] = False
     one_at_a_time: ClassVar[bool] = False
     targets: ClassVar[str] = "block"
+    stage1_norm_ref: ClassVar[str] = "block"
     #: the public code whose computation this editor follows (module docstrings give file and lines)
     reference: ClassVar[str] = ""
     #: hyper-parameters that must be >= 0 (regularizers); checked at construction
@@ -104,8 +109,9 @@ class Editor:
             if not float(getattr(self, f)) >= 0:
                 raise ValueError(f"editor.{self.name}.{f} must be >= 0, got {getattr(self, f)!r}")
         if (self.key_average not in KEY_AVERAGES or not self.needs <= set(STATISTICS)
-                or self.targets not in TARGETS):
-            raise TypeError(f"editor class {type(self).__name__} declares an unknown key_average, statistic or targets")
+                or self.targets not in TARGETS or self.stage1_norm_ref not in NORM_REFS):
+            raise TypeError(f"editor class {type(self).__name__} declares an unknown key_average, statistic, "
+                            "targets or stage1_norm_ref")
 
     # ------------------------------------------------------------------ configuration
 

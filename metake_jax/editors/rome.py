@@ -15,6 +15,11 @@ Several columns (n_req > 1, e.g. a padded batch) give the sum of the per-column 
 zero (padding) has ``B_j = 0``.  ``one_at_a_time``: the runner writes requests one by one, each on the
 model edited by the previous ones (``rome_main.py`` applies every Δ immediately).
 
+Stage I follows ``compute_v.py``'s conventions through ``stage1_norm_ref = "mlp"``: the clamp
+(``clamp_norm_factor``, 4 in the reference) and the weight decay are relative to ‖m_0‖, block L's MLP
+output at the bare prompt's subject-last token (docs/FORMULAS.md §3 "Norm reference").  Its 21 context
+templates ("{}" + 10 of 5 tokens + 10 of 10) come from ``templates.lengths`` (the paper-model presets).
+
 The reference inverts C0 in float32 (``torch.inverse``); ``solve_dtype`` defaults to float64 here
 because small-corpus C0 (the SmolLM2 demo) is ill-conditioned — set ``solve_dtype="float32"`` for the
 reference's precision.  The normalisation of u in the reference cancels in Δ and is omitted.
@@ -112,6 +117,7 @@ class ROME(Editor):
     key_average: ClassVar[str] = "uniform"
     uses_bare_keys: ClassVar[bool] = True
     one_at_a_time: ClassVar[bool] = True
+    stage1_norm_ref: ClassVar[str] = "mlp"  # compute_v.py: clamp and weight decay relative to ‖m_0‖
     reference: ClassVar[str] = "kmeng01/rome rome/rome_main.py, rome/compute_u.py, rome/compute_v.py"
 
     solve_dtype: str = "float64"
