@@ -193,7 +193,8 @@ def test_rome_edit_reaches_the_target_on_a_tiny_model():
     new, rep = edit_batch(cfg, state, tok, REQS[:1], TEMPLATES, ecfg)
     b, _ = prepare_batch(tok, REQS[:1], TEMPLATES)
     b = EditBatch(*map(jnp.asarray, b))
-    Z = optimize_targets(cfg, params, b, layers[-1], s1).Z
+    assert ecfg.stage1.norm_ref == "mlp"  # ROME's Stage I convention, resolved from "auto"
+    Z = optimize_targets(cfg, params, b, layers[-1], ecfg.stage1).Z
     _, H = keys_and_hidden(cfg, new.params, b, layers)
     _, H0 = keys_and_hidden(cfg, params, b, layers)
     assert rel(H - H0, Z - H0) <= 1e-4
@@ -285,3 +286,59 @@ def test_metake_over_rome_and_emmet(name):
     k0 = np.asarray(params["layers"]["mlp"]["fc_out"]["kernel"])
     dk = np.abs(np.asarray(new.params["layers"]["mlp"]["fc_out"]["kernel"]) - k0).reshape(k0.shape[0], -1).max(1)
     assert dk[2] > 0 and np.all(dk[[0, 1, 3]] == 0)
+
+
+# ----------------------------------------------------------------------------- ROME's context templates
+
+
+def test_rome_templates_21_of_two_lengths():
+    """templates.lengths = (5, 10), n_per_prompt = 2 (the ROME presets): "{}" + 10 templates of 5 tokens + 10 of
+    10 tokens (kmeng01/rome context_template_length_params [[5, 10], [10, 10]]); token counts by the tokenizer."""
+    from metake_jax.templates import SEED_WORDS, context_templates
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg, params = tiny_model("gptj")
+    # the LM head favours four whole-word tokens (" the", " is", " of", " and"): every sample is then a
+    # sequence of whole words, which the tokenizer splits back into exactly the sampled tokens
+    words = [tok(w)["input_ids"] for w in (" the", " is", " of", " and")]
+    assert all(len(w) == 1 for w in words)
+    bias = params["lm_head"]["bias"].at[jnp.array([w[0] for w in words])].add(50.0)
+    params = {**params, "lm_head": {**params["lm_head"], "bias": bias}}
+    tpl = context_templates(cfg, params, tok, seed=0, n_per_prompt=2, lengths=(5, 10))
+    assert [len(g) for g in tpl] == [1, 10, 10] and tpl[0] == ["{}"]
+    assert sum(len(g) for g in tpl) == 21
+    for n_tok, group in zip((5, 10), tpl[1:]):
+        for j, t in enumerate(group):
+            assert t.endswith(". {}") and t.startswith(SEED_WORDS[j // 2])
+            seed_len = len(tok(SEED_WORDS[j // 2])["input_ids"])  # max_out_len counts the seed word's tokens
+            assert len(tok(t[: -len(". {}")])["input_ids"]) == max(n_tok, seed_len), t
+    # the groups are sampled apart: a 5-token template is not just the start of its 10-token counterpart
+    assert any(not t10.startswith(t5[: -len(". {}")]) for t5, t10 in zip(tpl[1], tpl[2]))
+    # a single length is what it always was; a bad length names itself
+    assert context_templates(cfg, params, tok, seed=0, n_per_prompt=2, lengths=(10,)) == \
+        context_templates(cfg, params, tok, seed=0, n_per_prompt=2, length=10)
+    with pytest.raises(ValueError, match="lengths"):
+        context_templates(cfg, params, tok, lengths=(5, 0))
+
+
+def test_rome_presets_select_reference_stage1_and_templates():
+    """``--config=configs/<paper model>_cf.py:rome`` (and metake_rome, and ``--config.method=rome`` on any config)
+    gets ROME's Stage I norm reference ("mlp") and the 21-template set; MEMIT keeps "block"."""
+    import importlib
+
+    from metake_jax.run_config import RunConfig
+    from metake_jax.runner import _fingerprint, edit_config
+
+    for name in ("gpt2xl_cf", "gptj_cf", "llama3_cf"):
+        mod = importlib.import_module(f"configs.{name}")
+        for method in ("rome", "metake_rome"):
+            rc = RunConfig.of(mod.get_config(method))
+            assert edit_config(rc).stage1.norm_ref == "mlp"
+            assert (rc.templates.lengths, rc.templates.n_per_prompt) == ((5, 10), 2)
+            assert _fingerprint(rc)["stage1"]["norm_ref"] == "mlp"
+        assert edit_config(mod.get_config("memit")).stage1.norm_ref == "block"
+        assert "norm_ref" not in _fingerprint(mod.get_config("memit"))["stage1"]  # older checkpoints still resume
+    base = importlib.import_module("configs.smollm2_cf").get_config()
+    base.method = "rome"
+    assert edit_config(base).stage1.norm_ref == "mlp"
