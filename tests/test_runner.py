@@ -207,8 +207,9 @@ def _legacy_fingerprint(d: dict) -> dict:
         section, leaf = path.split(".")
         if fp[section].get(leaf) == default:
             del fp[section][leaf]
-    for leaf in ("prefix_reuse", "compact"):  # Stage I speed switches, added after the ConfigDict runner
+    for leaf in ("prefix_reuse", "compact", "norm_ref"):  # Stage I fields added after the ConfigDict runner
         fp["stage1"].pop(leaf, None)
+    fp["templates"].pop("lengths", None)  # added with ROME's template set
     return fp
 
 
