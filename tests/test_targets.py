@@ -364,7 +364,7 @@ def rome_setup(request):
     return SimpleNamespace(hf=hf, cfg=cfg, params=params, tok=tok, reqs=reqs, hp=hp, stops=stops(thr), want=want)
 
 
-@pytest.mark.parametrize("reuse,compact", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("reuse,compact", [(False, False), (True, True)])  # each saving alone: the tests above
 def test_rome_norm_ref_matches_torch_reference_loop(rome_setup, reuse, compact):
     """norm_ref="mlp" = kmeng01/rome compute_v.py: δ added to the MLP module's output (torch forward hook),
     clamp and weight decay relative to ‖m_0‖ — with prefix reuse and compaction on and off (≤ 1e-5 rel.)."""
