@@ -232,6 +232,7 @@ def edit_batch(
     if lb is not None and mesh is not None:  # global arrays: every process feeds the same jitted steps
         lb = jax.tree.map(lambda x: replicate(x, mesh), lb)
     timings["prepare"] = time.perf_counter() - t0
+    measured: dict[str, np.ndarray | None] = {}  # EditConfig.measure (not for per-layer-target editors)
     if ecfg.editor.per_layer_targets:
         new_state, s1, aux = edit_per_layer(cfg, state, batch, ecfg, timings)
         ref = None
