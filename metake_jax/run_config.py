@@ -212,10 +212,11 @@ class RunConfig:
     seed: int = 0  # random models, generations
     progress: bool = True  # tqdm progress bars
     # JAX's persistent compilation cache (compiled programs on disk, keyed by program + compiler + devices:
-    # a warm rerun skips XLA compilation, ~30-45 s per Stage I batch on a 2-core CPU).
-    # "" = $METAKE_CACHE/xla (default ~/.cache/metake-jax/xla); "off" = no persistent cache; else a directory.
-    # Not used in a multi-process run (jax.distributed): there every process compiles.
-    compile_cache: str = ""
+    # a warm rerun skips XLA compilation, ~30-45 s per Stage I batch on a 2-core CPU).  Opt-in: "auto" =
+    # $METAKE_CACHE/xla (default ~/.cache/metake-jax/xla; scripts/demo.sh uses it), a directory, or "off".
+    # Not used in a multi-process run (jax.distributed): there every process compiles.  (Off by default: jax
+    # 0.10.2 segfaulted once writing a float64 program to the cache in the one-process test suite.)
+    compile_cache: str = "off"
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # devices: not part of the fingerprint
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 

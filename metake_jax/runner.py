@@ -283,12 +283,12 @@ def cache_root() -> Path:
 
 
 def compile_cache_dir(c: RunConfig | Any) -> str:
-    """``compile_cache``: a directory, ``$METAKE_CACHE/xla`` for "" (default ``~/.cache/metake-jax/xla``), or ""
-    (no persistent compilation cache) for "off"."""
+    """``compile_cache``: "auto" → ``$METAKE_CACHE/xla`` (default ``~/.cache/metake-jax/xla``), "off" / "" → ""
+    (no persistent compilation cache), else that directory."""
     v = RunConfig.of(c).compile_cache
-    if v == "off":
+    if v in ("off", ""):
         return ""
-    return str(Path(v).expanduser() if v else cache_root() / "xla")
+    return str(cache_root() / "xla" if v == "auto" else Path(v).expanduser())
 
 
 def layer_statistics(c: RunConfig | Any, cfg: ModelConfig, params: Any, tokenizer: Any, model_id: str,

@@ -214,6 +214,20 @@ def _round_rows(n: int, cap: int, multiple: int) -> int:
     return min(p, cap)
 
 
+def _length_buckets(token_lists: Sequence[Sequence[int]], min_len: int, max_len: int) -> dict[int, list[int]]:
+    """Document indices per length bucket T (``bucket_length``); empty documents skipped.  Raises ValueError
+    naming a document longer than ``max_len``."""
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(token_lists):
+        n = len(ids)
+        if n == 0:
+            continue
+        if n > max_len:
+            raise ValueError(f"document {i} has {n} tokens > max_len={max_len} (tokenize with truncation)")
+        groups.setdefault(bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len), []).append(i)
+    return groups
+
+
 def make_batches(
     token_lists: Sequence[Sequence[int]],
     *,
@@ -226,29 +240,26 @@ def make_batches(
     """Length-bucketed, right-padded batches (see module doc). Empty documents are skipped."""
     if max_len < 1 or token_budget < 1 or multiple < 1:
         raise ValueError("max_len, token_budget and multiple must be >= 1")
-    groups: dict[int, list[int]] = {}
-    for i, ids in enumerate(token_lists):
-        n = len(ids)
-        if n == 0:
-            continue
-        if n > max_len:
-            raise ValueError(f"document {i} has {n} tokens > max_len={max_len} (tokenize with truncation)")
-        groups.setdefault(bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len), []).append(i)
+    groups = _length_buckets(token_lists, min_len, max_len)
     batches: list[Batch] = []
     for T in sorted(groups):
         idx = sorted(groups[T], key=lambda i: (-len(token_lists[i]), i))
         cap = max(multiple, (max(1, token_budget // T) // multiple) * multiple)
         for s in range(0, len(idx), cap):
             chunk = idx[s:s + cap]
-            B = _round_rows(len(chunk), cap, multiple)
-            tokens = np.full((B, T), pad_id, np.int32)
-            mask = np.zeros((B, T), bool)
-            for r, i in enumerate(chunk):
-                ids = token_lists[i]
-                tokens[r, :len(ids)] = ids
-                mask[r, :len(ids)] = True
-            batches.append((tokens, mask))
+            batches.append(_filled(token_lists, chunk, _round_rows(len(chunk), cap, multiple), T, pad_id))
     return batches
+
+
+def _filled(token_lists: Sequence[Sequence[int]], chunk: Sequence[int], B: int, T: int, pad_id: int) -> Batch:
+    """(tokens (B, T) int32, mask (B, T) bool): documents ``chunk`` right-padded, then empty rows."""
+    tokens = np.full((B, T), pad_id, np.int32)
+    mask = np.zeros((B, T), bool)
+    for r, i in enumerate(chunk):
+        ids = token_lists[i]
+        tokens[r, :len(ids)] = ids
+        mask[r, :len(ids)] = True
+    return tokens, mask
 
 
 def make_process_batches(
@@ -275,14 +286,7 @@ def make_process_batches(
                          f"multiple of the {n_groups} process groups")
     widths = sorted({bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len)
                      for n in range(1, max_len + 1)})
-    groups: dict[int, list[int]] = {T: [] for T in widths}
-    for i, ids in enumerate(token_lists):
-        n = len(ids)
-        if n == 0:
-            continue
-        if n > max_len:
-            raise ValueError(f"document {i} has {n} tokens > max_len={max_len} (tokenize with truncation)")
-        groups[bucket_length(n, min_len=min_len, max_len=max_len, pow2_until=max_len)].append(i)
+    groups = {T: [] for T in widths} | _length_buckets(token_lists, min_len, max_len)
     most = _allgather_rows(np.asarray([len(groups[T]) for T in widths], np.int64)).max(axis=0)
     local_multiple = multiple // n_groups
     batches: list[Batch] = []
@@ -291,14 +295,7 @@ def make_process_batches(
         cap = max(multiple, (max(1, token_budget // T) // multiple) * multiple) // n_groups
         for s in range(0, m, cap):
             chunk = idx[s:s + cap]
-            B = _round_rows(min(cap, m - s), cap, local_multiple)
-            tokens = np.full((B, T), pad_id, np.int32)
-            mask = np.zeros((B, T), bool)
-            for r, i in enumerate(chunk):
-                ids = token_lists[i]
-                tokens[r, :len(ids)] = ids
-                mask[r, :len(ids)] = True
-            batches.append((tokens, mask))
+            batches.append(_filled(token_lists, chunk, _round_rows(min(cap, m - s), cap, local_multiple), T, pad_id))
     return batches
 
 

@@ -132,7 +132,7 @@ def test_method_ablations_fix_metake_fields():
 
 
 def test_compile_cache_dir_and_persistent_cache(tmp_path, monkeypatch):
-    """``compile_cache``: "" = $METAKE_CACHE/xla, "off" = none, else the directory; enabling it makes JAX
+    """``compile_cache``: "auto" = $METAKE_CACHE/xla, "off" (default) = none, else the directory; enabling it makes JAX
     store a program that takes ≥ the threshold to compile (threshold lowered to 0 here) and read it back."""
     import jax
     import jax.numpy as jnp
@@ -141,8 +141,8 @@ def test_compile_cache_dir_and_persistent_cache(tmp_path, monkeypatch):
     from metake_jax.sharding import enable_compile_cache
 
     monkeypatch.setenv("METAKE_CACHE", str(tmp_path / "root"))
-    assert compile_cache_dir(RunConfig()) == str(tmp_path / "root" / "xla")
-    assert compile_cache_dir(RunConfig(compile_cache="off")) == ""
+    assert compile_cache_dir(RunConfig(compile_cache="auto")) == str(tmp_path / "root" / "xla")
+    assert compile_cache_dir(RunConfig()) == ""
     assert compile_cache_dir(RunConfig(compile_cache=str(tmp_path / "x"))) == str(tmp_path / "x")
     old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     try:
