@@ -131,26 +131,34 @@ def test_method_ablations_fix_metake_fields():
         assert {f: getattr(got, f) for f in fixed} == fixed
 
 
+_CACHE_CHILD = """
+import sys
+import jax, jax.numpy as jnp
+from metake_jax.sharding import enable_compile_cache
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+enable_compile_cache(sys.argv[1])
+f = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.arange(7.0))
+print(float(f(jnp.ones(7))[6]))
+"""
+
+
 def test_compile_cache_dir_and_persistent_cache(tmp_path, monkeypatch):
     """``compile_cache``: "auto" = $METAKE_CACHE/xla, "off" (default) = none, else the directory; enabling it makes JAX
-    store a program that takes ≥ the threshold to compile (threshold lowered to 0 here) and read it back."""
-    import jax
-    import jax.numpy as jnp
+    store a program that takes ≥ the threshold to compile (threshold lowered to 0 here). The cache is switched on in
+    a child process: JAX keeps its cache open for the rest of a process even after the directory is unset, and
+    the suite's other programs must not be written to it."""
+    import math
+    import subprocess
+    import sys
 
     from metake_jax.runner import compile_cache_dir
-    from metake_jax.sharding import enable_compile_cache
 
     monkeypatch.setenv("METAKE_CACHE", str(tmp_path / "root"))
     assert compile_cache_dir(RunConfig(compile_cache="auto")) == str(tmp_path / "root" / "xla")
     assert compile_cache_dir(RunConfig()) == ""
     assert compile_cache_dir(RunConfig(compile_cache=str(tmp_path / "x"))) == str(tmp_path / "x")
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    try:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        enable_compile_cache(str(tmp_path / "x"))
-        f = jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.arange(7.0))
-        assert float(f(jnp.ones(7))[6]) == pytest.approx(float(jnp.sin(1.0) * 3 + 6))
-        assert any((tmp_path / "x").iterdir())  # the compiled program is on disk
-    finally:
-        jax.config.update("jax_compilation_cache_dir", old[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    r = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(tmp_path / "x")], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) == pytest.approx(math.sin(1.0) * 3 + 6, rel=1e-6)
+    assert any((tmp_path / "x").iterdir())  # the compiled program is on disk
