@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -364,6 +368,21 @@ def rome_setup(request):
     return SimpleNamespace(hf=hf, cfg=cfg, params=params, tok=tok, reqs=reqs, hp=hp, stops=stops(thr), want=want)
 
 
+# XLA:CPU (jaxlib 0.10.2) segfaulted compiling these float64 programs late in the one-process suite (three times,
+# CI included; never when this file or test ran alone): they run in an interpreter of their own.
+_OWN_PROCESS = os.environ.get("METAKE_OWN_PROCESS") == "rome_norm_ref"
+
+
+def test_rome_norm_ref_in_own_process():
+    """Runs ``test_rome_norm_ref_matches_torch_reference_loop`` (all parameters) in a fresh interpreter."""
+    env = dict(os.environ, METAKE_OWN_PROCESS="rome_norm_ref")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "test_rome_norm_ref_matches_torch_reference_loop"], env=env, capture_output=True, text=True,
+                       timeout=1800, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0 and "4 passed" in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+@pytest.mark.skipif(not _OWN_PROCESS, reason="run in its own interpreter by test_rome_norm_ref_in_own_process")
 @pytest.mark.parametrize("reuse,compact", [(False, False), (True, True)])  # each saving alone: the tests above
 def test_rome_norm_ref_matches_torch_reference_loop(rome_setup, reuse, compact):
     """norm_ref="mlp" = kmeng01/rome compute_v.py: δ added to the MLP module's output (torch forward hook),
