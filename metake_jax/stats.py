@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CorpusError", "CorpusSpec", "SEED_PROMPTS", "accumulate_second_moment",
-    "corpus_from_datasets", "corpus_from_files", "corpus_from_model", "corpus_id", "layer_stats",
+    "corpus_from_datasets", "corpus_from_files", "part_bounds", "corpus_from_model", "corpus_id", "layer_stats",
     "load_corpus", "load_layer_stats", "make_batches", "make_process_batches", "second_moment_step", "stats_key",
     "stats_path", "tokenize_corpus",
 ]
@@ -371,10 +371,23 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def part_bounds(n: int, part: tuple[int, int]) -> tuple[int, int]:
+    """``[lo, hi)`` of part ``g`` of ``n_parts`` contiguous, near-equal slices of ``n`` documents.
+
+    Raises ValueError unless 0 ≤ g < n_parts."""
+    g, n_parts = part
+    if not 0 <= g < n_parts:
+        raise ValueError(f"corpus part {g} of {n_parts}: need 0 <= part < parts")
+    bounds = np.linspace(0, n, n_parts + 1).astype(int)
+    return int(bounds[g]), int(bounds[g + 1])
+
+
 def corpus_from_datasets(name: str, config: str | None, split: str, n: int, *, seed: int = 1,
-                         text_field: str = "text") -> list[str]:
+                         text_field: str = "text", part: tuple[int, int] = (0, 1)) -> list[str]:
     """``n`` documents of an HF dataset: the first ``n`` indices of ``random.Random(seed)``'s
     shuffle of ``range(len(ds))`` (reference ``FixedRandomSubsetSampler``, docs/FORMULAS.md §R3).
+    ``part = (g, n_parts)`` materializes only slice ``g`` of those documents (``part_bounds``): a
+    process of a multi-process run reads only the texts it feeds (the dataset itself is memory-mapped).
 
     Fails at once with :class:`CorpusError` when offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``
     set and the dataset not in the local cache, or huggingface.co unreachable within 3 s).
@@ -396,7 +409,9 @@ def corpus_from_datasets(name: str, config: str | None, split: str, n: int, *, s
         raise CorpusError(f"{what} has no {text_field!r} column (columns: {ds.column_names})")
     idx = list(range(len(ds)))
     random.Random(seed).shuffle(idx)
-    sub = ds.select(idx[:n])
+    idx = idx[:n]
+    lo, hi = part_bounds(len(idx), part)
+    sub = ds.select(idx[lo:hi])
     return [str(t) for t in sub[text_field]]
 
 
@@ -476,18 +491,24 @@ def corpus_id(spec: CorpusSpec, *, max_len: int | None = None) -> str:
 
 
 def load_corpus(spec: CorpusSpec, n: int, *, cfg: ModelConfig | None = None, params: Params | None = None,
-                tokenizer: Any = None, max_len: int | None = None) -> list[str]:
-    """The first ``n`` documents of ``spec`` (model-sampled corpora need cfg/params/tokenizer/max_len)."""
+                tokenizer: Any = None, max_len: int | None = None, part: tuple[int, int] = (0, 1)) -> list[str]:
+    """The first ``n`` documents of ``spec`` (model-sampled corpora need cfg/params/tokenizer/max_len), or
+    with ``part = (g, n_parts)`` only slice ``g`` of them (``part_bounds`` of the documents there are, at
+    most ``n``): an HF dataset then materializes only that slice; a model-sampled corpus is generated
+    whole by every process (generation is one collective computation on the mesh) and then sliced."""
     if spec.kind == "datasets":
         return corpus_from_datasets(spec.name, spec.config, spec.split, n, seed=spec.seed,
-                                    text_field=spec.text_field)
+                                    text_field=spec.text_field, part=part)
     if spec.kind == "files":
-        return corpus_from_files(spec.paths, txt_mode=spec.txt_mode)[:n]
-    if spec.kind == "model":
+        texts = corpus_from_files(spec.paths, txt_mode=spec.txt_mode)[:n]
+    elif spec.kind == "model":
         if cfg is None or params is None or tokenizer is None or max_len is None:
             raise ValueError("a model-sampled corpus needs cfg, params, tokenizer and max_len")
-        return corpus_from_model(cfg, params, tokenizer, n, max_len, spec.seed, top_k=spec.top_k)
-    return list(spec.texts[:n])
+        texts = corpus_from_model(cfg, params, tokenizer, n, max_len, spec.seed, top_k=spec.top_k)
+    else:
+        texts = list(spec.texts[:n])
+    lo, hi = part_bounds(len(texts), part)
+    return texts[lo:hi]
 
 
 # ============================================================================= cache
@@ -596,18 +617,20 @@ def layer_stats(
             + "; call layer_stats with compute=True to build them")
     if missing:
         log.info("computing E[kk^T] for layers %s over %d docs of %s", missing, n_samples, cid)
-        texts = load_corpus(corpus_spec, n_samples, cfg=cfg, params=params, tokenizer=tokenizer,
-                            max_len=max_len)
-        if len(texts) < n_samples:
-            log.warning("statistics corpus %s has only %d of the %d requested documents",
-                        cid, len(texts), n_samples)
         share = (0, 1) if mesh is None else process_row_share(mesh) or (0, 1)
-        if share[1] > 1:  # multi-process: each process group tokenizes and feeds its slice of the documents
+        # multi-process: each process group reads, tokenizes and feeds only its slice of the documents
+        texts = load_corpus(corpus_spec, n_samples, cfg=cfg, params=params, tokenizer=tokenizer,
+                            max_len=max_len, part=share)
+        n_docs = _groups_total(share[0], len(texts)) if share[1] > 1 else len(texts)
+        if n_docs < n_samples:
+            log.warning("statistics corpus %s has only %d of the %d requested documents",
+                        cid, n_docs, n_samples)
+        if share[1] > 1:
             g, n_groups = share
-            bounds = np.linspace(0, len(texts), n_groups + 1).astype(int)
-            log.info("statistics: process group %d of %d feeds documents [%d, %d) of %d", g, n_groups,
-                     bounds[g], bounds[g + 1], len(texts))
-            token_lists = tokenize_corpus(tokenizer, texts[bounds[g]:bounds[g + 1]], max_len)
+            lo, hi = part_bounds(n_samples, share)
+            log.info("statistics: process group %d of %d feeds %d documents (slice [%d, %d) of %d requested)",
+                     g, n_groups, len(texts), lo, hi, n_samples)
+            token_lists = tokenize_corpus(tokenizer, texts, max_len)
             batches = make_process_batches(token_lists, n_groups, max_len=max_len, token_budget=token_budget,
                                            multiple=mesh_size(mesh))
         else:

@@ -296,6 +296,35 @@ def test_corpus_from_files(tmp_path):
     assert S.corpus_id(S.CorpusSpec(kind="files", paths=(str(txt),))) != a
 
 
+@pytest.mark.parametrize("n_parts", [2, 3])
+def test_corpus_parts_are_slices_of_the_whole(tmp_path, monkeypatch, n_parts):
+    """``load_corpus(part=(g, n))``: the parts of every corpus kind, concatenated in order, are the whole
+    corpus (each document once); an HF dataset (a local ``datasets.Dataset`` standing in for the hub)
+    materializes only its slice of the seeded shuffle; a part outside the range is refused."""
+    import datasets
+
+    docs = [f"document number {i}" for i in range(11)]
+    ds = datasets.Dataset.from_dict({"text": docs})
+    selected = []
+    real_select = datasets.Dataset.select
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: ds)
+    monkeypatch.setattr(datasets.Dataset, "select",
+                        lambda self, idx, *a, **k: (selected.append(list(idx)), real_select(self, idx, *a, **k))[1])
+    monkeypatch.setattr(S, "_offline", lambda: True)
+    (tmp_path / "c.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    specs = [S.CorpusSpec(kind="datasets", name="local"), S.CorpusSpec(kind="texts", texts=tuple(docs)),
+             S.CorpusSpec(kind="files", paths=(str(tmp_path / "c.txt"),))]
+    for spec in specs:
+        whole = S.load_corpus(spec, 9)
+        assert len(whole) == 9 and len(set(whole)) == 9
+        parts = [S.load_corpus(spec, 9, part=(g, n_parts)) for g in range(n_parts)]
+        assert sum(parts, []) == whole
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert [len(i) for i in selected] == [9] + [len(p) for p in parts]  # the dataset's reads: whole, then slices
+    with pytest.raises(ValueError, match="corpus part 2 of 2"):
+        S.load_corpus(specs[1], 9, part=(2, 2))
+
+
 def test_corpus_from_model(model):
     _, cfg, params = model
     tok = tiny_tokenizer(add_bos=False)
