@@ -19,7 +19,7 @@ from metake_jax.batch import EditBatch, prepare_batch, rows_per_request, select_
 from metake_jax.editors import Editor, LayerStats, NotGatedError
 from metake_jax.editors.alphaedit import AlphaEdit
 from metake_jax.errors import EditError
-from metake_jax.metake import LookRows, MetaKEConfig, group_look_rows, refine_targets
+from metake_jax.metake import LookRows, MetaKEConfig, group_look_rows, pack_look_rows, refine_targets
 from metake_jax.sharding import mesh_of, replicate, shard_rows, to_host
 from metake_jax.targets import StageIConfig, optimize_attn_ffn_targets, optimize_targets
 from metake_jax.tokens import ChatFormat
@@ -112,15 +112,17 @@ def _timed(timings: dict[str, float], key: str, fn, *args, **kw):
     return out
 
 
-def look_rows(batch: EditBatch, mcfg: MetaKEConfig) -> LookRows:
+def look_rows(batch: EditBatch, mcfg: MetaKEConfig, pack: bool = True) -> LookRows:
     """Rows scoring the virtual model — every row (``prompts="all"``) or the bare + KL rows of each
-    request (``"bare"``) — in length-sorted groups each cut to its own width (``metake.group_look_rows``:
-    the KL rows are short; no number changes)."""
-    if mcfg.prompts == "all":
-        return group_look_rows(batch, LOOK_GROUPS_ALL)
-    per = rows_per_request(batch)
-    keep = (int(np.asarray(batch.bare_row)[0]), per - 1)  # the KL row is last in each block
-    return group_look_rows(select_rows(batch, keep), LOOK_GROUPS_BARE)
+    request (``"bare"``) — packed side by side into rows of ``metake.PACK_WIDTH`` tokens
+    (``metake.pack_look_rows``; the real requests' rows only), or with ``pack=False`` / ``feedback="ungated"``
+    in length-sorted groups each cut to its own width (``metake.group_look_rows``).  No number changes."""
+    if mcfg.prompts != "all":
+        per = rows_per_request(batch)
+        batch = select_rows(batch, (int(np.asarray(batch.bare_row)[0]), per - 1))  # the KL row is last in each block
+    if pack and mcfg.feedback != "ungated":
+        return pack_look_rows(batch)
+    return group_look_rows(batch, LOOK_GROUPS_ALL if mcfg.prompts == "all" else LOOK_GROUPS_BARE)
 
 
 LOOK_GROUPS_ALL, LOOK_GROUPS_BARE = 4, 2  # look-row groups: as Stage I's default row groups; bare / KL rows

@@ -46,9 +46,10 @@ from metake_jax.batch import EditBatch
 from metake_jax.editors import Editor, LayerStats
 from metake_jax.editors.linalg import keyonly_gate, mm
 from metake_jax.targets import group_rows, lower_hidden, row_groups, row_terms, upper_logits
+from metake_jax.tokens import bucket
 from metake_jax.write import editor_keys
 from models.config import ModelConfig
-from models.interface import WDeltas, w_out
+from models.interface import WDeltas, forward, head, w_out
 
 Array = jax.Array
 
@@ -127,6 +128,92 @@ def group_look_rows(batch: EditBatch, n_groups: int) -> LookRows:
                     kl_sel=jnp.asarray(host.kl_sel[:, order]), rows=jnp.asarray(order), valid=jnp.asarray(host.valid))
 
 
+class PackedRows(NamedTuple):
+    """Look rows packed side by side into rows of one width (``pack_look_rows``): each original row is a
+    contiguous segment with its own position ids, attending only within itself (``models.layers.make_context``),
+    so every number is that of the row run alone, and the padding of short rows is gone.
+
+    tokens, mask, segments: (P, W) packed rows (segment 0 = padding);
+    tgt_pos:  (R_t, Tt) flat indices (p·W + position) of the target positions of the rows scored by ℓ_edit;
+    tgt_ids, tgt_mask: (R_t, Tt) their target tokens;
+    lookup:   (R_k,) flat index of the subject's last token of the rows scored by ℓ_loc (KL rows).
+    """
+
+    tokens: Any
+    mask: Any
+    segments: Any
+    tgt_pos: Any
+    tgt_ids: Any
+    tgt_mask: Any
+    lookup: Any
+
+
+PACK_WIDTH = 32  # packed look-row width (tokens); wider rows keep their own width (bucketed by 4)
+
+
+def pack_look_rows(batch: EditBatch, width: int = PACK_WIDTH) -> LookRows:
+    """Host side: the real requests' rows of ``batch`` first-fit-decreasing packed into rows of ``width``
+    tokens (at least the longest row, bucketed by 4; the number of packed rows bucketed by 4), as a
+    ``LookRows`` with one ``PackedRows`` group; ``nll_avg`` / ``kl_sel`` keep only the columns of the rows
+    ℓ_edit / ℓ_loc read (the others weigh 0).  Padding requests' rows are dropped (their ℓ is 0; they never
+    count).  Not for ``feedback="ungated"`` (it adds a per-row delta at each row's subject token)."""
+    host = EditBatch(*[None if x is None else np.asarray(x) for x in batch])
+    per = host.tokens.shape[0] // host.valid.shape[0]
+    rows = np.flatnonzero(np.repeat(host.valid > 0, per))
+    lengths = host.mask[rows].sum(axis=1).astype(int)
+    W = max(width, bucket(int(lengths.max()), minimum=1, multiple=4))
+    fill: list[int] = []
+    where, offset = np.zeros(len(rows), int), np.zeros(len(rows), int)
+    for j in np.argsort(-lengths, kind="stable"):  # first fit decreasing
+        b = next((b for b, used in enumerate(fill) if used + lengths[j] <= W), len(fill))
+        if b == len(fill):
+            fill.append(0)
+        where[j], offset[j] = b, fill[b]
+        fill[b] += lengths[j]
+    P = bucket(len(fill), minimum=1, multiple=4)
+    tokens = np.zeros((P, W), host.tokens.dtype)
+    mask = np.zeros((P, W), bool)
+    segments = np.zeros((P, W), np.int32)
+    flat_of = np.zeros(host.tokens.shape, np.int64)  # (rows, T) flat packed index of each position
+    for j, r in enumerate(rows):
+        real = np.flatnonzero(host.mask[r])
+        start = where[j] * W + offset[j]
+        tokens.reshape(-1)[start:start + len(real)] = host.tokens[r, real]
+        mask.reshape(-1)[start:start + len(real)] = True
+        segments.reshape(-1)[start:start + len(real)] = j + 1
+        rank = np.clip(np.cumsum(host.mask[r]) - 1, 0, len(real) - 1)  # a position's index among the real ones
+        flat_of[r] = start + rank
+    valid_cols = np.repeat(host.valid > 0, per)
+    t_rows = rows[(host.nll_avg[:, rows] != 0).any(axis=0) & valid_cols[rows]]
+    k_rows = rows[(host.kl_sel[:, rows] != 0).any(axis=0) & valid_cols[rows]]
+    packed = PackedRows(
+        tokens=jnp.asarray(tokens), mask=jnp.asarray(mask), segments=jnp.asarray(segments),
+        tgt_pos=jnp.asarray(np.take_along_axis(flat_of[t_rows], host.tgt_pos[t_rows], axis=1).astype(np.int32)),
+        tgt_ids=jnp.asarray(host.tgt_ids[t_rows]), tgt_mask=jnp.asarray(host.tgt_mask[t_rows]),
+        lookup=jnp.asarray(flat_of[k_rows, host.lookup[k_rows]].astype(np.int32)))
+    return LookRows(groups=(packed,), nll_avg=jnp.asarray(host.nll_avg[:, t_rows]),
+                    kl_sel=jnp.asarray(host.kl_sel[:, k_rows]), rows=None, valid=jnp.asarray(host.valid))
+
+
+def _look_lower(cfg: ModelConfig, params: Any, rows: EditBatch | PackedRows, L: int) -> Array:
+    """Hidden states entering block L of one look-row group (plain or packed)."""
+    if isinstance(rows, PackedRows):
+        return forward(cfg, params, rows.tokens, rows.mask, stop_layer=L, segments=rows.segments).last_hidden
+    return lower_hidden(cfg, params, rows, L)
+
+
+def _look_upper(cfg: ModelConfig, params: Any, rows: EditBatch | PackedRows, h_in: Array, L: int, *,
+                delta_rows: Array | None = None, w_out: WDeltas | None = None) -> tuple[Array, Array]:
+    """Blocks L.. of one look-row group: (target logits (R_t, Tt, V), subject-token logits (R_k, V)); for a
+    plain group R_t = R_k = its rows (``targets.upper_logits``)."""
+    if not isinstance(rows, PackedRows):
+        return upper_logits(cfg, params, rows, h_in, L, delta_rows=delta_rows, w_out=w_out)
+    h = forward(cfg, params, None, rows.mask, h_start=h_in, start_layer=L, w_out_deltas=w_out,
+                stop_layer=cfg.n_layers, segments=rows.segments).last_hidden
+    flat = h.reshape(-1, h.shape[-1])
+    return head(cfg, params, flat[rows.tgt_pos]), head(cfg, params, flat[rows.lookup])
+
+
 def as_look_rows(batch: EditBatch | LookRows) -> LookRows:
     """``batch`` as ``LookRows``: unchanged if it is one, else one group of every row in its order."""
     if isinstance(batch, LookRows):
@@ -180,8 +267,8 @@ def prepare_lookahead(
     L = layers[-1]
     lr = as_look_rows(batch if look_batch is None else look_batch)
     K, H, Kb = editor_keys(cfg, params, batch, layers, editor)
-    h_in = tuple(lower_hidden(cfg, params, g, L) for g in lr.groups)
-    logp = tuple(jax.nn.log_softmax(upper_logits(cfg, params, g, h, L)[1], axis=-1) for g, h in zip(lr.groups, h_in))
+    h_in = tuple(_look_lower(cfg, params, g, L) for g in lr.groups)
+    logp = tuple(jax.nn.log_softmax(_look_upper(cfg, params, g, h, L)[1], axis=-1) for g, h in zip(lr.groups, h_in))
     B = frozen_gate(K[-1], stats, editor, mcfg, None if Kb is None else Kb[-1], w_out(params, (L,))[0])
     return LookaheadContext(B=B.astype(H.dtype), H_L=H, h_in=h_in, logp_init=logp)
 
@@ -218,11 +305,13 @@ def virtual_losses(
     per = lr.nll_avg.shape[1] // lr.valid.shape[0]
     row_nll, kl_rows, start = [], [], 0
     for g, h_in, lp0 in zip(lr.groups, ctx.h_in, ctx.logp_init):
+        if request_delta is not None and isinstance(g, PackedRows):
+            raise ValueError("feedback='ungated' adds a per-row delta: it needs group_look_rows, not packed rows")
         size = g.tokens.shape[0]
         delta_rows = None if request_delta is None else request_delta[lr.rows[start:start + size] // per]
         start += size
-        logits_t, logits_k = upper_logits(cfg, params, g, h_in, L, delta_rows=delta_rows,
-                                          w_out=WDeltas((L,), inc[None]))
+        logits_t, logits_k = _look_upper(cfg, params, g, h_in, L, delta_rows=delta_rows,
+                                         w_out=WDeltas((L,), inc[None]))
         a, b = row_terms(logits_t, logits_k, g, lp0)
         row_nll.append(a)
         kl_rows.append(b)

@@ -269,17 +269,20 @@ def forward(
     start_layer: int = 0,
     h_start: Array | None = None,
     stop_layer: int | None = None,
+    segments: Array | None = None,
 ) -> ForwardOut:
     """Tokens -> logits with the editing hooks described in the module docstring.
 
     tokens: (B, T) int; mask: (B, T) (1 = real token; default all ones).
     With ``start_layer > 0`` pass ``h_start`` (B, T, d) = hidden state entering that layer.
+    ``segments`` (B, T) int: packed rows (``layers.make_context``): each contiguous run of one id is
+    a sequence of its own (own position ids, attention within it), as if run in a row alone.
     """
     if h_start is None:
         chex.assert_rank(tokens, 2)
         if mask is None:
             mask = jnp.ones(tokens.shape, dtype=bool)
-        ctx = make_context(mask)
+        ctx = make_context(mask, segments)
         h = embed(cfg, params, tokens, ctx)
         if start_layer != 0:
             raise ValueError("start_layer > 0 needs h_start")
@@ -287,7 +290,7 @@ def forward(
         chex.assert_rank(h_start, 3)
         if mask is None:
             mask = jnp.ones(h_start.shape[:2], dtype=bool)
-        ctx = make_context(mask)
+        ctx = make_context(mask, segments)
         h = h_start.astype(cfg.dtype)
     stop = cfg.n_layers if stop_layer is None else stop_layer
     for l in taps:

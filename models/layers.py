@@ -23,19 +23,30 @@ Params = dict[str, Any]
 class Context(NamedTuple):
     """Token bookkeeping shared by every layer of one forward pass.
 
-    positions: (B, T) int32 position ids (left padding aware).
+    positions: (B, T) int32 position ids (left padding aware; per segment when packed).
     mask:      (B, T) bool, True on real tokens.
+    segments:  (B, T) int32 or None: packed rows — several sequences side by side in one row, each a
+               contiguous run of one segment id; a token attends only within its own segment.
     """
 
     positions: Array
     mask: Array
+    segments: Array | None = None
 
 
-def make_context(mask: Array) -> Context:
-    """Position ids ``cumsum(mask) - 1`` (0 on padding): right and left padding both work."""
+def make_context(mask: Array, segments: Array | None = None) -> Context:
+    """Position ids ``cumsum(mask) - 1`` (0 on padding): right and left padding both work.  With
+    ``segments`` (B, T) (packed rows: contiguous runs of one id), the count restarts at each segment,
+    so every packed sequence gets the position ids it has alone."""
     mask = jnp.asarray(mask).astype(bool)
-    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    return Context(positions=positions.astype(jnp.int32), mask=mask)
+    count = jnp.cumsum(mask.astype(jnp.int32), axis=-1)
+    if segments is not None:
+        segments = jnp.asarray(segments, jnp.int32)
+        starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], -1)
+        before = jnp.where(starts, count - mask.astype(jnp.int32), 0)  # real tokens before each segment
+        count = count - jax.lax.cummax(before, axis=1)
+    positions = jnp.maximum(count - 1, 0)
+    return Context(positions=positions.astype(jnp.int32), mask=mask, segments=segments)
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -164,21 +175,25 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, allowed: Array) -> Ar
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, tq, h * hd)
 
 
-def causal_allowed(mask: Array) -> Array:
-    """(B, T) real-token mask -> (B, T, T): query t sees real keys at positions <= t."""
+def causal_allowed(mask: Array, segments: Array | None = None) -> Array:
+    """(B, T) real-token mask -> (B, T, T): query t sees real keys at positions <= t (of its own
+    segment when ``segments`` (B, T) is given)."""
     t = mask.shape[1]
-    return jnp.tril(jnp.ones((t, t), dtype=bool))[None] & mask[:, None, :]
+    allowed = jnp.tril(jnp.ones((t, t), dtype=bool))[None] & mask[:, None, :]
+    if segments is not None:
+        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
+    return allowed
 
 
 def attention(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> Array:
     q, k, v = qkv_proj(cfg, p, x, ctx.positions)
-    return dense(p["o"], attend(cfg, q, k, v, causal_allowed(ctx.mask)))
+    return dense(p["o"], attend(cfg, q, k, v, causal_allowed(ctx.mask, ctx.segments)))
 
 
 def attention_kv(cfg: ModelConfig, p: Params, x: Array, ctx: Context) -> tuple[Array, tuple[Array, Array]]:
     """``attention`` that also returns this layer's (k, v), each (B, T, Hkv, hd) after rotary."""
     q, k, v = qkv_proj(cfg, p, x, ctx.positions)
-    return dense(p["o"], attend(cfg, q, k, v, causal_allowed(ctx.mask))), (k, v)
+    return dense(p["o"], attend(cfg, q, k, v, causal_allowed(ctx.mask, ctx.segments))), (k, v)
 
 
 def attention_after_prefix(

@@ -301,13 +301,16 @@ def test_cp_update_and_nonfinite_cache_keeps_state(setup):
     assert state.n_edits == 0
 
 
-@pytest.mark.parametrize("prompts,feedback", [("all", "gated"), ("bare", "gated"), ("all", "ungated")])
-def test_grouped_look_rows_change_no_number(setup, prompts, feedback):
-    """The look rows in length-sorted groups, each cut to its own width (``group_look_rows``, what the
-    runner uses), give the refined Z, the ℓ_meta curve and the accepted steps of the ungrouped rows."""
+@pytest.mark.parametrize("prompts,feedback,pack", [("all", "gated", False), ("bare", "gated", False),
+                                                   ("all", "ungated", False), ("all", "gated", True),
+                                                   ("bare", "gated", True)])
+def test_grouped_look_rows_change_no_number(setup, prompts, feedback, pack):
+    """The look rows in length-sorted groups, each cut to its own width (``group_look_rows``), or packed side
+    by side (``pack_look_rows``, what the runner uses), give the refined Z, the ℓ_meta curve and the accepted
+    steps of the plain rows (real requests; packing drops the padding requests' rows)."""
     from metake_jax.batch import rows_per_request, select_rows
     from metake_jax.editor import look_rows
-    from metake_jax.metake import LookRows
+    from metake_jax.metake import LookRows, PackedRows
 
     tok, cfg, params, b, Z0 = setup
     st = _stats(cfg.d_ff, 2)
@@ -318,15 +321,26 @@ def test_grouped_look_rows_change_no_number(setup, prompts, feedback):
     hb = EditBatch(*[np.asarray(x) for x in b])
     per = rows_per_request(hb)
     plain_rows = None if prompts == "all" else EditBatch(*map(jnp.asarray, select_rows(hb, (int(hb.bare_row[0]), per - 1))))
-    grouped = look_rows(hb, mc)
-    assert isinstance(grouped, LookRows) and len(grouped.groups) > 1
-    widths = [g.tokens.shape[1] for g in grouped.groups]
-    full_width = (b if plain_rows is None else plain_rows).tokens.shape[1]
-    if prompts == "all":
-        assert min(widths) < full_width  # some group is actually cut shorter (template rows vs bare rows)
+    grouped = look_rows(hb, mc, pack=pack)
+    rows = b if plain_rows is None else plain_rows
+    if pack:
+        (g,) = grouped.groups
+        assert isinstance(g, PackedRows)
+        assert g.tokens.size <= int(np.asarray(rows.mask).size)  # no more positions than the plain rows
+        if prompts == "all":
+            assert g.tokens.size < int(np.asarray(rows.mask).size)  # template rows of several lengths: fewer
+        assert int(g.mask.sum()) == int(np.asarray(rows.mask)[np.repeat(hb.valid > 0, per if plain_rows is None
+                                                                       else 2)].sum())
+    else:
+        assert isinstance(grouped, LookRows) and len(grouped.groups) > 1
+        widths = [g.tokens.shape[1] for g in grouped.groups]
+        if prompts == "all":
+            assert min(widths) < rows.tokens.shape[1]  # some group is actually cut shorter (template rows vs bare rows)
     ref = refine_targets(cfg, params, b, Z0, LAYERS, st, ECFG, mc, plain_rows)
     got = refine_targets(cfg, params, b, Z0, LAYERS, st, ECFG, mc, grouped)
     assert _rel(got.Z, Z0) > 1e-4  # the refinement moved Z
-    np.testing.assert_allclose(np.asarray(got.Z), np.asarray(ref.Z), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref.Z).max()))
-    np.testing.assert_allclose(np.asarray(got.losses), np.asarray(ref.losses), rtol=1e-5, atol=1e-7)
+    real = np.asarray(hb.valid) > 0
+    np.testing.assert_allclose(np.asarray(got.Z)[:, real], np.asarray(ref.Z)[:, real], rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(ref.Z).max()))
+    np.testing.assert_allclose(np.asarray(got.losses)[:, real], np.asarray(ref.losses)[:, real], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(got.trials), np.asarray(ref.trials))
