@@ -153,7 +153,7 @@ PACK_WIDTH = 32  # packed look-row width (tokens); wider rows keep their own wid
 
 def pack_look_rows(batch: EditBatch, width: int = PACK_WIDTH) -> LookRows:
     """Host side: the real requests' rows of ``batch`` first-fit-decreasing packed into rows of ``width``
-    tokens (at least the longest row, bucketed by 4; the number of packed rows bucketed by 4), as a
+    tokens (at least the longest row, bucketed by 4; the number of packed rows bucketed by 2), as a
     ``LookRows`` with one ``PackedRows`` group; ``nll_avg`` / ``kl_sel`` keep only the columns of the rows
     ℓ_edit / ℓ_loc read (the others weigh 0).  Padding requests' rows are dropped (their ℓ is 0; they never
     count).  Not for ``feedback="ungated"`` (it adds a per-row delta at each row's subject token)."""
@@ -170,7 +170,7 @@ def pack_look_rows(batch: EditBatch, width: int = PACK_WIDTH) -> LookRows:
             fill.append(0)
         where[j], offset[j] = b, fill[b]
         fill[b] += lengths[j]
-    P = bucket(len(fill), minimum=1, multiple=4)
+    P = bucket(len(fill), minimum=1, multiple=2)
     tokens = np.zeros((P, W), host.tokens.dtype)
     mask = np.zeros((P, W), bool)
     segments = np.zeros((P, W), np.int32)
