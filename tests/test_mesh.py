@@ -245,8 +245,8 @@ def test_two_processes_match_one_process_and_resume_after_kill(tmp_path):
         d0, d1 = _digests(p0_log, what), _digests(p1_log, what)
         assert len(d0) == 1 and d0 == d1, (what, d0, d1)
     # statistics: each process fed its half of the sampled documents; each run's own cache of C0 sums
-    assert "process group 0 of 2 feeds documents [0, 6) of 12" in p0_log
-    assert "process group 1 of 2 feeds documents [6, 12) of 12" in p1_log
+    assert "process group 0 of 2 feeds 6 documents (slice [0, 6) of 12 requested)" in p0_log
+    assert "process group 1 of 2 feeds 6 documents (slice [6, 12) of 12 requested)" in p1_log
     s1, s2 = sorted(Path(f"{one}_stats").rglob("*.npz")), sorted(Path(f"{two}_stats").rglob("*.npz"))
     assert len(s1) == 2 and [f.name for f in s1] == [f.name for f in s2]
     for f1, f2 in zip(s1, s2):
