@@ -104,9 +104,10 @@ class LookRows(NamedTuple):
     changes no number (each row's terms are mapped back to its request exactly as ungrouped).
 
     groups:  per group j an ``EditBatch`` with the per-row fields only (tokens, mask (G_j, W_j), lookup,
-             tgt_pos, tgt_ids, tgt_mask); the other fields None.
+             tgt_pos, tgt_ids, tgt_mask); the other fields None — or one ``PackedRows`` (``pack_look_rows``).
     nll_avg, kl_sel: (n_pad, R) request weights with columns in the groups' row order.
-    rows:    (R,) index of each grouped row in the ungrouped batch (row r belongs to request r // per).
+    rows:    (R,) index of each grouped row in the ungrouped batch (row r belongs to request r // per);
+             None for packed rows (only the ``ungated`` ablation reads it).
     valid:   (n_pad,) 1.0 for real requests.
     """
 
